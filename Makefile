@@ -1,0 +1,46 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is
+# installed from here (a virtual environment in .venv; Debian packages where a later
+# feature needs them), so a fresh Debian machine needs nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint typecheck unit bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3-venv missing: installing it with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; \
+	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+run: $(VENV)/.installed
+	@$(BIN)/school-milter check-rules rules
+	@echo
+	@$(BIN)/school-milter scan rules/examples
+	@echo "Next:"
+	@echo "  $(BIN)/school-milter scan path/to/message.eml --mail-from a.patel@redborne.example --rcpt x@example.org"
+	@echo "  $(BIN)/school-milter scan --json rules/examples      # one JSON object per message"
+	@echo "  $(BIN)/school-milter check-rules rules                 # after editing rules/"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check milter tests bench tools
+	$(BIN)/ruff format --check milter tests bench tools
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy milter
+
+unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

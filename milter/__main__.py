@@ -1,0 +1,5 @@
+import sys
+
+from milter.cli import main
+
+sys.exit(main())

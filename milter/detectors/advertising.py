@@ -1,0 +1,123 @@
+"""advertising: unsolicited commercial or advertising mail sent out from school accounts (5.5).
+
+Scored, because no single sign is enough: a school newsletter has an unsubscribe link,
+a parent asking about a cake sale says "for sale". Commercial phrases from
+rules/lexicon/advertising.txt score their weight; bulk-mail markers add to it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from milter.errors import Problem, RulesError
+from milter.findings import Finding, Severity
+from milter.policy.schema import Direction
+
+if TYPE_CHECKING:
+    from milter.context import Context
+    from milter.message import Message
+    from milter.policy.loader import Rules
+
+NAME = "advertising"
+_UNSUBSCRIBE = re.compile(r"\bunsubscribe\b|\bopt[ -]out\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class AdvertisingPhrase:
+    phrase: str
+    weight: int
+
+
+def _alternative(phrase: str) -> str:
+    # Word boundaries only where the phrase starts or ends with a word character,
+    # so "% off" still matches in "20% off".
+    body = re.escape(phrase).replace(r"\ ", r"\s+")
+    left = r"(?<!\w)" if phrase[0].isalnum() else ""
+    right = r"(?!\w)" if phrase[-1].isalnum() else ""
+    return f"{left}{body}{right}"
+
+
+class AdvertisingPhrases:
+    """The phrase list compiled once into one regex, at rules load time."""
+
+    def __init__(self, phrases: list[AdvertisingPhrase]) -> None:
+        self.weights = {p.phrase: p.weight for p in phrases}
+        alternatives = [_alternative(p) for p in sorted(self.weights, key=len, reverse=True)]
+        self.pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    @classmethod
+    def load(cls, path: Path) -> AdvertisingPhrases:
+        return cls(load_phrases(path))
+
+
+def load_phrases(path: Path) -> list[AdvertisingPhrase]:
+    """phrase[<TAB>weight] a line; '#' comments. Weight defaults to 1."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError([Problem(path, None, f"cannot read: {exc}")]) from None
+    out: list[AdvertisingPhrase] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        phrase, _, weight = text.partition("\t")
+        try:
+            value = int(weight) if weight.strip() else 1
+        except ValueError:
+            problems.append(Problem(path, number, f"weight {weight.strip()!r} is not a whole number"))
+            continue
+        if not 1 <= value <= 10:
+            problems.append(Problem(path, number, "weight must be between 1 and 10"))
+            continue
+        out.append(AdvertisingPhrase(" ".join(phrase.lower().split()), value))
+    if problems:
+        raise RulesError(problems)
+    return out
+
+
+def check(message: Message, ctx: Context, rules: Rules) -> list[Finding]:
+    if ctx.direction is Direction.INBOUND:
+        return []
+    settings = rules.policy.detectors.advertising
+    pattern, weights = rules.advertising.pattern, rules.advertising.weights
+
+    text = f"{message.subject}\n{message.visible_text}"
+    signs: list[str] = []
+    score = 0
+    found = pattern.finditer(text) if pattern else iter(())
+    for phrase in dict.fromkeys(" ".join(m.group(0).lower().split()) for m in found):
+        score += weights.get(phrase, 1)
+        signs.append(f'"{phrase}"')
+    if message.header("list-unsubscribe"):
+        score += 2
+        signs.append("List-Unsubscribe header")
+    elif _UNSUBSCRIBE.search(text) or any(_UNSUBSCRIBE.search(link.text) for link in message.html_links):
+        score += 1
+        signs.append("unsubscribe link")
+    if (message.header("precedence") or "").lower() in ("bulk", "list", "junk"):
+        score += 1
+        signs.append("bulk precedence")
+    if len(ctx.recipients) >= settings.many_recipients:
+        score += 1
+        signs.append(f"{len(ctx.recipients)} recipients")
+    if score < settings.threshold:
+        return []
+    return [
+        Finding(
+            NAME,
+            "advertising",
+            Severity.STRONG,
+            settings.clause,
+            "the message reads as unsolicited commercial or advertising material",
+            (f"score {score} (threshold {settings.threshold})", *signs[:6]),
+            "body",
+        )
+    ]

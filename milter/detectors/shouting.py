@@ -1,0 +1,65 @@
+"""shouting: mostly capital letters in the subject or body, read as shouting (appendix). Tag, never block."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from milter.findings import Finding, Severity
+
+if TYPE_CHECKING:
+    from milter.context import Context
+    from milter.message import Message
+    from milter.policy.loader import Rules
+
+NAME = "shouting"
+_LETTER = re.compile(r"[^\W\d_]")
+_UPPER = re.compile(r"[A-ZÀ-ÖØ-ÞĀ-Ž]")
+_LOWER = re.compile(r"[a-zß-öø-ÿā-ž]")
+# A run of all-capitals words (two letters or more each) separated by spaces and punctuation.
+_CAPS_WORD = re.compile(r"\b[A-Z][A-Z'’]+\b")
+
+
+def capitals_ratio(text: str) -> tuple[float, int]:
+    upper = len(_UPPER.findall(text))
+    cased = upper + len(_LOWER.findall(text))
+    return (upper / cased if cased else 0.0), cased
+
+
+def longest_caps_run(text: str) -> int:
+    best = run = 0
+    last_end = -1
+    for m in _CAPS_WORD.finditer(text):
+        gap = text[last_end : m.start()] if last_end >= 0 else ""
+        run = run + 1 if last_end >= 0 and not _LETTER.search(gap) and "\n\n" not in gap else 1
+        best = max(best, run)
+        last_end = m.end()
+    return best
+
+
+def check(message: Message, ctx: Context, rules: Rules) -> list[Finding]:
+    settings = rules.policy.detectors.shouting
+    places = []
+    ratio, letters = capitals_ratio(message.subject)
+    if letters >= settings.min_subject_letters and ratio >= settings.capitals_ratio:
+        places.append(("subject", f"subject {ratio:.0%} capitals"))
+    body = message.visible_text
+    ratio, letters = capitals_ratio(body)
+    if letters >= settings.min_body_letters and ratio >= settings.capitals_ratio:
+        places.append(("body", f"body {ratio:.0%} capitals"))
+    elif (run := longest_caps_run(body)) >= settings.min_shouted_words:
+        places.append(("body", f"{run} words in a row in capitals"))
+    if not places:
+        return []
+    where = " and ".join(p for p, _ in places)
+    return [
+        Finding(
+            NAME,
+            "shouting",
+            Severity.MILD,
+            settings.clause,
+            f"continuous capitals in the {where} read as shouting",
+            tuple(e for _, e in places),
+            where,
+        )
+    ]

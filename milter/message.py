@@ -1,0 +1,303 @@
+"""Message: raw bytes parsed once, with lazy, never-raising access to what detectors need.
+
+Detectors see headers, decoded subject, To/Cc recipients, text views and attachments
+through this class only. Every accessor survives malformed input: a broken header or
+part yields an empty value and a recorded defect, never an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.errors
+import email.header
+import email.utils
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.message import Message as StdMessage
+from email.parser import BytesParser
+from functools import cached_property
+
+import charset_normalizer
+
+from milter.textview import HtmlView, Link, html_view
+
+# Text beyond this many characters per message is not scanned: it bounds CPU per message,
+# and anything past it is still delivered or held whole; only detection stops there.
+TEXT_SCAN_LIMIT = 2_000_000
+# libxml2 slows down sharply on one tag with tens of thousands of attributes; no real
+# mail has a tag this long, so such tags are blanked before parsing.
+_HUGE_TAG = re.compile(r"<[^<>]{16384,}>")
+# MIME nesting deeper than this is not walked (each level costs a Python frame in the stdlib).
+MAX_PART_DEPTH = 40
+MAX_PARTS = 2_000
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A non-body part: something the reader opens rather than reads inline."""
+
+    filename: str
+    content_type: str
+    size: int
+    part: StdMessage
+
+    def payload(self) -> bytes:
+        try:
+            data = self.part.get_payload(decode=True)
+        except Exception:
+            return b""
+        return data if isinstance(data, bytes) else b""
+
+
+@dataclass(frozen=True)
+class Defect:
+    """A structural fault in the MIME, named by the stdlib defect class (safe to log)."""
+
+    name: str
+    where: str
+
+
+def _decode_bytes(data: bytes, declared: str | None) -> tuple[str, bool]:
+    """Decode text with the declared charset, falling back when it is unknown or lies.
+
+    Returns the text and whether a fallback was needed.
+    """
+    if declared:
+        try:
+            codecs.lookup(declared)
+            return data.decode(declared), False
+        except (LookupError, UnicodeDecodeError, ValueError):
+            pass
+    try:
+        return data.decode("utf-8"), declared is not None and declared.lower() not in ("us-ascii", "ascii")
+    except UnicodeDecodeError:
+        pass
+    # Detection is slow, so only small bodies get it; cp1252 decodes any byte sequence
+    # and is the most common mislabelled charset in mail.
+    if len(data) <= 64_000:
+        best = charset_normalizer.from_bytes(data).best()
+        if best is not None:
+            return str(best), True
+    return data.decode("cp1252", errors="replace"), True
+
+
+def _decode_header_value(value: str) -> str:
+    """RFC 2047 decoding that tolerates unknown charsets and broken encoded words."""
+    if "=?" not in value:
+        return " ".join(value.split())
+    try:
+        pieces = email.header.decode_header(value)
+    except Exception:
+        return " ".join(value.split())
+    out: list[str] = []
+    for chunk, charset in pieces:
+        if isinstance(chunk, str):
+            out.append(chunk)
+        else:
+            out.append(_decode_bytes(chunk, charset)[0])
+    return " ".join("".join(out).split())
+
+
+class Message:
+    """One message, parsed lazily from its raw bytes."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @cached_property
+    def _parsed(self) -> StdMessage:
+        try:
+            return BytesParser(policy=policy.default).parsebytes(self.raw)
+        except Exception:
+            # The stdlib parser is very tolerant; this guards the rare crash (deep recursion).
+            fallback = EmailMessage()
+            fallback.set_payload(self.raw.decode("latin-1"))
+            fallback.defects.append(ParserCrashed())
+            return fallback
+
+    @cached_property
+    def _raw_headers(self) -> list[tuple[str, str]]:
+        # raw_items() gives the unparsed values, so a header the policy cannot parse
+        # never raises here; we decode RFC 2047 ourselves.
+        try:
+            return [(k.lower(), str(v)) for k, v in self._parsed.raw_items()]
+        except Exception:
+            return []
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header, RFC 2047-decoded, or None."""
+        name = name.lower()
+        for key, value in self._raw_headers:
+            if key == name:
+                return _decode_header_value(value)
+        return None
+
+    def headers(self, name: str) -> list[str]:
+        name = name.lower()
+        return [_decode_header_value(v) for k, v in self._raw_headers if k == name]
+
+    @cached_property
+    def subject(self) -> str:
+        return self.header("subject") or ""
+
+    def _addresses(self, *names: str) -> list[str]:
+        values = [v for n in names for k, v in self._raw_headers if k == n]
+        if not values:
+            return []
+        try:
+            pairs = email.utils.getaddresses([_decode_header_value(v) for v in values])
+        except Exception:
+            return []
+        out: list[str] = []
+        for _, addr in pairs:
+            addr = addr.strip().strip("<>").lower()
+            if "@" in addr and addr not in out:
+                out.append(addr)
+        return out
+
+    @cached_property
+    def from_address(self) -> str | None:
+        found = self._addresses("from")
+        return found[0] if found else None
+
+    @cached_property
+    def visible_recipients(self) -> list[str]:
+        """Addresses every recipient can see: To and Cc."""
+        return self._addresses("to", "cc")
+
+    @cached_property
+    def header_recipients(self) -> list[str]:
+        return self._addresses("to", "cc", "bcc")
+
+    # --- MIME structure -------------------------------------------------------
+
+    def _walk(self) -> Iterator[tuple[StdMessage, int]]:
+        """Leaf parts with their depth, bounded in depth and count, without recursion."""
+        stack: list[tuple[StdMessage, int]] = [(self._parsed, 0)]
+        seen = 0
+        while stack and seen < MAX_PARTS:
+            part, depth = stack.pop()
+            seen += 1
+            payload = part.get_payload()
+            if part.is_multipart() and isinstance(payload, list):
+                if depth < MAX_PART_DEPTH:
+                    stack.extend((p, depth + 1) for p in reversed(payload) if isinstance(p, StdMessage))
+                continue
+            yield part, depth
+
+    @cached_property
+    def _leaves(self) -> list[StdMessage]:
+        return [p for p, _ in self._walk()]
+
+    @cached_property
+    def defects(self) -> list[Defect]:
+        found: list[Defect] = []
+        stack: list[tuple[StdMessage, str, int]] = [(self._parsed, "message", 0)]
+        while stack and len(found) < 100:
+            part, where, depth = stack.pop()
+            found.extend(Defect(type(d).__name__, where) for d in getattr(part, "defects", []))
+            payload = part.get_payload() if part.is_multipart() else None
+            if isinstance(payload, list) and depth < MAX_PART_DEPTH:
+                stack.extend((p, f"{where}/{i + 1}", depth + 1) for i, p in enumerate(payload))
+        if len(self._leaves) >= MAX_PARTS:
+            found.append(Defect("TooManyParts", "message"))
+        return found
+
+    @staticmethod
+    def _filename(part: StdMessage) -> str:
+        try:
+            name = part.get_filename()
+        except Exception:
+            return ""
+        return _decode_header_value(str(name)) if name else ""
+
+    @staticmethod
+    def _is_attachment(part: StdMessage, filename: str) -> bool:
+        try:
+            disposition = part.get_content_disposition()
+        except Exception:
+            disposition = None
+        if disposition == "attachment" or filename:
+            return True
+        return part.get_content_maintype() not in ("text", "multipart", "message")
+
+    @cached_property
+    def attachments(self) -> list[Attachment]:
+        out: list[Attachment] = []
+        for part in self._leaves:
+            filename = self._filename(part)
+            if not self._is_attachment(part, filename):
+                continue
+            raw_payload = part.get_payload()
+            size = len(raw_payload) if isinstance(raw_payload, str | bytes) else 0
+            if part.get("content-transfer-encoding", "").strip().lower() == "base64":
+                size = size * 3 // 4  # near enough for thresholds, without decoding twice
+            out.append(Attachment(filename, part.get_content_type(), size, part))
+        return out
+
+    @cached_property
+    def _text_parts(self) -> list[tuple[str, str]]:
+        """(subtype, decoded text) of each body text part, plain and html."""
+        parts: list[tuple[str, str]] = []
+        budget = TEXT_SCAN_LIMIT
+        for part in self._leaves:
+            if part.get_content_maintype() != "text" or self._is_attachment(part, self._filename(part)):
+                continue
+            try:
+                data = part.get_payload(decode=True)
+            except Exception:
+                data = None
+            if not isinstance(data, bytes):
+                payload = part.get_payload()
+                data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+            try:
+                charset = part.get_content_charset()
+            except Exception:
+                charset = None
+            text, _ = _decode_bytes(data[:budget], charset)
+            budget -= len(text)
+            parts.append((part.get_content_subtype(), text))
+            if budget <= 0:
+                break
+        return parts
+
+    @cached_property
+    def _html_views(self) -> list[HtmlView]:
+        return [
+            html_view(_HUGE_TAG.sub(" ", text)) for subtype, text in self._text_parts if subtype == "html"
+        ]
+
+    @cached_property
+    def plain_text(self) -> str:
+        return "\n".join(text for subtype, text in self._text_parts if subtype != "html")
+
+    @cached_property
+    def visible_text(self) -> str:
+        """Everything a reader sees in the body: plain parts and the visible part of HTML."""
+        pieces = [self.plain_text] if self.plain_text else []
+        pieces.extend(v.visible for v in self._html_views if v.visible)
+        return "\n".join(pieces)
+
+    @cached_property
+    def hidden_text(self) -> str:
+        """Text present in HTML that a reader cannot see: kept apart, a signal of its own."""
+        return "\n".join(v.hidden for v in self._html_views if v.hidden)
+
+    @cached_property
+    def html_links(self) -> list[Link]:
+        return [link for v in self._html_views for link in v.links]
+
+    @property
+    def has_html(self) -> bool:
+        return bool(self._html_views)
+
+
+class ParserCrashed(email.errors.MessageDefect):
+    """Stands in the defect list when the stdlib parser itself failed."""

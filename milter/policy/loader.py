@@ -1,0 +1,197 @@
+"""Load and check a whole rules/ directory into one immutable Rules object.
+
+Every problem in every file is collected and reported together, each with file, line
+and reason, so a school fixes its rules in one pass. A Rules object is built once and
+shared; building it (lexicon automata, domain sets) is the expensive part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from pydantic import ValidationError
+
+from milter.detectors.advertising import AdvertisingPhrases
+from milter.detectors.safeguarding_concern import SafeguardingLexicon
+from milter.domainlists import DomainLists
+from milter.errors import Problem, RulesError
+from milter.lexicon import Lexicon, load_allowlist, load_terms
+from milter.policy.directory import Directory
+from milter.policy.schema import PolicyFile
+from milter.policy.yamlpos import line_for, load_yaml_with_lines
+
+POLICY_FILE = "policy.yaml"
+CLAUSES_FILE = "clauses.yaml"
+GUIDANCE_DIR = "guidance"
+
+
+@dataclass(frozen=True)
+class Clause:
+    number: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything the engine needs from rules/, checked and ready to use."""
+
+    root: Path
+    policy: PolicyFile
+    clauses: dict[str, Clause]
+    directory: Directory | None
+    obscene: Lexicon
+    safeguarding: SafeguardingLexicon
+    domains: DomainLists
+    advertising: AdvertisingPhrases
+    templates: jinja2.Environment
+    warnings: tuple[str, ...] = field(default=())
+
+    def clause(self, number: str) -> Clause:
+        return self.clauses.get(number, Clause(number, number, ""))
+
+
+def _validation_problems(path: Path, lines: dict[Any, int], exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(Problem(path, line_for(lines, loc), f"{where}: {message}"))
+    return problems
+
+
+def _load_policy(root: Path) -> PolicyFile:
+    path = root / POLICY_FILE
+    if not path.is_file():
+        raise RulesError([Problem(path, None, "missing: every rules directory needs a policy.yaml")])
+    data, lines = load_yaml_with_lines(path)
+    if not isinstance(data, dict):
+        raise RulesError(
+            [Problem(path, 1, "the file must be a mapping with at least 'school' and 'actions'")]
+        )
+    try:
+        return PolicyFile.model_validate(data)
+    except ValidationError as exc:
+        raise RulesError(_validation_problems(path, lines, exc)) from None
+
+
+def _load_clauses(root: Path) -> dict[str, Clause]:
+    path = root / CLAUSES_FILE
+    data, lines = load_yaml_with_lines(path) if path.is_file() else ({}, {})
+    if not isinstance(data, dict):
+        raise RulesError([Problem(path, 1, "must map each clause number to a title and text")])
+    clauses: dict[str, Clause] = {}
+    problems: list[Problem] = []
+    for number, body in data.items():
+        if not isinstance(body, dict) or not isinstance(body.get("title"), str):
+            problems.append(Problem(path, lines.get((str(number),)), f"clause {number}: needs a 'title'"))
+            continue
+        clauses[str(number)] = Clause(str(number), body["title"], str(body.get("text", "")).strip())
+    if problems:
+        raise RulesError(problems)
+    return clauses
+
+
+def _template_environment(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root / GUIDANCE_DIR),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _check_templates(root: Path, env: jinja2.Environment, policy: PolicyFile) -> list[Problem]:
+    problems: list[Problem] = []
+    policy_path = root / POLICY_FILE
+    for name in sorted({r.guidance for r in policy.actions if r.guidance}):
+        path = root / GUIDANCE_DIR / f"{name}.txt"
+        if not path.is_file():
+            problems.append(Problem(policy_path, None, f"guidance {name!r} has no template {path}"))
+    for path in sorted((root / GUIDANCE_DIR).glob("*")) if (root / GUIDANCE_DIR).is_dir() else []:
+        try:
+            env.get_template(path.name)
+        except jinja2.TemplateSyntaxError as exc:
+            problems.append(Problem(path, exc.lineno, f"template error: {exc.message}"))
+    return problems
+
+
+def _check_references(root: Path, policy: PolicyFile, clauses: dict[str, Clause]) -> list[Problem]:
+    problems: list[Problem] = []
+    path = root / POLICY_FILE
+    used = set()
+    for name, settings in policy.detectors:
+        for attr in ("clause", "clause_received"):
+            if hasattr(settings, attr):
+                used.add((name, getattr(settings, attr)))
+        for number in getattr(settings, "category_clauses", {}).values():
+            used.add((name, number))
+    for detector, number in sorted(used):
+        if number not in clauses:
+            problems.append(
+                Problem(path, None, f"detectors.{detector}: clause {number!r} is not in {CLAUSES_FILE}")
+            )
+    contacts = policy.school.contacts
+    for i, rule in enumerate(policy.actions):
+        for role in rule.alert:
+            if role not in contacts:
+                problems.append(
+                    Problem(path, None, f"actions[{i}]: alert role {role!r} is not in school.contacts")
+                )
+    return problems
+
+
+def load_rules(root: Path) -> Rules:
+    """Load rules/; raise RulesError listing every problem found."""
+    root = root.resolve()
+    if not root.is_dir():
+        raise RulesError([Problem(root, None, "not a directory")])
+    policy = _load_policy(root)
+    problems: list[Problem] = []
+    warnings: list[str] = []
+
+    def attempt(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RulesError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    clauses = attempt(_load_clauses, root) or {}
+    directory = None
+    if policy.school.directory:
+        directory = attempt(Directory.load, root / policy.school.directory)
+    else:
+        warnings.append("no directory configured: missing_bcc counts external addresses instead of parents")
+
+    settings = policy.detectors
+    terms = attempt(load_terms, root / settings.obscene_language.lexicon) or []
+    allow: list[str] = []
+    for name in settings.obscene_language.allowlist:
+        allow.extend(attempt(load_allowlist, root / name) or [])
+    safeguarding = attempt(SafeguardingLexicon.load, root / settings.safeguarding_concern.lexicon)
+    domains = attempt(DomainLists.load, root / settings.offensive_links.domain_lists)
+    advertising = attempt(AdvertisingPhrases.load, root / settings.advertising.phrases)
+    templates = _template_environment(root)
+    problems.extend(_check_templates(root, templates, policy))
+    problems.extend(_check_references(root, policy, clauses))
+    if problems:
+        raise RulesError(problems)
+    return Rules(
+        root=root,
+        policy=policy,
+        clauses=clauses,
+        directory=directory,
+        obscene=Lexicon(terms, allow),
+        safeguarding=safeguarding,
+        domains=domains,
+        advertising=advertising,
+        templates=templates,
+        warnings=tuple(warnings),
+    )
