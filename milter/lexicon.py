@@ -26,7 +26,7 @@ import ahocorasick
 
 from milter.errors import Problem, RulesError
 from milter.findings import Severity
-from milter.normalize import NormalizedText, normalize, normalize_term, squeeze
+from milter.normalize import NormalizedText, normalize_cached, normalize_term, squeeze
 
 __all__ = [
     "LEXICON_FILES",
@@ -140,7 +140,7 @@ class Lexicon:
 
     def find_text(self, text: str) -> list[Hit]:
         """Normalize `text` and find every term in it."""
-        return self.find(normalize(text))
+        return self.find(normalize_cached(text))
 
     def find(self, norm: NormalizedText) -> list[Hit]:
         """Every term in `norm`, once per term, first occurrence first (text stream before variants)."""

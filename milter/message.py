@@ -15,7 +15,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email import policy
-from email.message import EmailMessage
 from email.message import Message as StdMessage
 from email.parser import BytesParser
 from functools import cached_property
@@ -85,7 +84,11 @@ def _decode_bytes(data: bytes, declared: str | None) -> tuple[str, bool]:
 
 
 def _decode_header_value(value: str) -> str:
-    """RFC 2047 decoding that tolerates unknown charsets and broken encoded words."""
+    """RFC 2047 decoding that tolerates unknown charsets, broken encoded words and raw 8-bit bytes."""
+    if not value.isascii():
+        # Raw 8-bit header bytes arrive as surrogate escapes; decode them as a body would be.
+        raw = value.encode("utf-8", "surrogateescape")
+        value = _decode_bytes(raw, None)[0]
     if "=?" not in value:
         return " ".join(value.split())
     try:
@@ -114,10 +117,13 @@ class Message:
     @cached_property
     def _parsed(self) -> StdMessage:
         try:
-            return BytesParser(policy=policy.default).parsebytes(self.raw)
+            # compat32 keeps headers as strings; policy.default builds a header object on
+            # every access, which cost more than all the detectors together. Decoding
+            # (RFC 2047, charsets) is done here instead, tolerantly.
+            return BytesParser(policy=policy.compat32).parsebytes(self.raw)
         except Exception:
             # The stdlib parser is very tolerant; this guards the rare crash (deep recursion).
-            fallback = EmailMessage()
+            fallback = StdMessage()
             fallback.set_payload(self.raw.decode("latin-1"))
             fallback.defects.append(ParserCrashed())
             return fallback

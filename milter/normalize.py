@@ -393,3 +393,10 @@ def normalize(text: str) -> NormalizedText:
         truncated=truncated,
         source=text if changed else "",
     )
+
+
+@functools.lru_cache(maxsize=16)
+def normalize_cached(text: str) -> NormalizedText:
+    """normalize(), remembered for the last few texts: several detectors read the same body,
+    and a string's hash is computed once, so a repeat costs a dictionary lookup."""
+    return normalize(text)

@@ -378,11 +378,14 @@ def deceptive_link(href: str, text: str) -> tuple[str, str] | None:
     is not an address ("click here") is never deceptive. None too when the
     href has no web host (mailto:, relative links, ...).
     """
-    actual_host = url_host(href)
-    if actual_host is None:
+    # The text is checked first: most link text is words, and that settles it cheaply.
+    if "." not in text:
         return None
     shown_host = _shown_host(text)
     if shown_host is None:
+        return None
+    actual_host = url_host(href)
+    if actual_host is None:
         return None
     shown = registrable_domain(shown_host) or shown_host
     actual = registrable_domain(actual_host) or actual_host

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import ahocorasick
+
 from milter.errors import Problem, RulesError
 from milter.findings import Finding, Severity
 from milter.policy.schema import Direction
@@ -31,22 +33,20 @@ class AdvertisingPhrase:
     weight: int
 
 
-def _alternative(phrase: str) -> str:
-    # Word boundaries only where the phrase starts or ends with a word character,
-    # so "% off" still matches in "20% off".
-    body = re.escape(phrase).replace(r"\ ", r"\s+")
-    left = r"(?<!\w)" if phrase[0].isalnum() else ""
-    right = r"(?!\w)" if phrase[-1].isalnum() else ""
-    return f"{left}{body}{right}"
-
-
 class AdvertisingPhrases:
-    """The phrase list compiled once into one regex, at rules load time."""
+    """The phrase list compiled once into an Aho-Corasick automaton, at rules load time.
+
+    One pass over the text whatever the number of phrases: a regex alternation of a few
+    dozen phrases cost several milliseconds per newsletter.
+    """
 
     def __init__(self, phrases: list[AdvertisingPhrase]) -> None:
         self.weights = {p.phrase: p.weight for p in phrases}
-        alternatives = [_alternative(p) for p in sorted(self.weights, key=len, reverse=True)]
-        self.pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
+        self._automaton = ahocorasick.Automaton()
+        for phrase in self.weights:
+            self._automaton.add_word(phrase, phrase)
+        if self.weights:
+            self._automaton.make_automaton()
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -54,6 +54,22 @@ class AdvertisingPhrases:
     @classmethod
     def load(cls, path: Path) -> AdvertisingPhrases:
         return cls(load_phrases(path))
+
+    def found(self, text: str) -> list[str]:
+        """Distinct phrases in the text, whole words only where a phrase starts or ends with a letter."""
+        if not self.weights:
+            return []
+        # Visible text is already whitespace-collapsed within lines; lines join with a space.
+        flat = text.lower().replace("\n", " ")
+        seen: dict[str, None] = {}
+        for end, phrase in self._automaton.iter(flat):
+            start = end - len(phrase) + 1
+            if phrase[0].isalnum() and start > 0 and flat[start - 1].isalnum():
+                continue
+            if phrase[-1].isalnum() and end + 1 < len(flat) and flat[end + 1].isalnum():
+                continue
+            seen[phrase] = None
+        return list(seen)
 
 
 def load_phrases(path: Path) -> list[AdvertisingPhrase]:
@@ -87,14 +103,12 @@ def check(message: Message, ctx: Context, rules: Rules) -> list[Finding]:
     if ctx.direction is Direction.INBOUND:
         return []
     settings = rules.policy.detectors.advertising
-    pattern, weights = rules.advertising.pattern, rules.advertising.weights
 
     text = f"{message.subject}\n{message.visible_text}"
     signs: list[str] = []
     score = 0
-    found = pattern.finditer(text) if pattern else iter(())
-    for phrase in dict.fromkeys(" ".join(m.group(0).lower().split()) for m in found):
-        score += weights.get(phrase, 1)
+    for phrase in rules.advertising.found(text):
+        score += rules.advertising.weights[phrase]
         signs.append(f'"{phrase}"')
     if message.header("list-unsubscribe"):
         score += 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from milter.errors import Problem, RulesError
 from milter.findings import Finding, Severity
 from milter.lexicon import Hit, Lexicon, Term
-from milter.normalize import NormalizedText, normalize
+from milter.normalize import NormalizedText, normalize, normalize_cached
 
 if TYPE_CHECKING:
     from milter.context import Context
@@ -79,7 +79,7 @@ class SafeguardingLexicon:
         return cls(Lexicon(terms), exclusions)
 
     def find(self, text: str, window_words: int) -> list[Hit]:
-        norm = normalize(text)
+        norm = normalize_cached(text)
         return [hit for hit in self.lexicon.find(norm) if not self._excluded(hit, norm, window_words)]
 
     def _excluded(self, hit: Hit, norm: NormalizedText, window_words: int) -> bool:
@@ -95,10 +95,11 @@ class SafeguardingLexicon:
 
 def check(message: Message, ctx: Context, rules: Rules) -> list[Finding]:
     settings = rules.policy.detectors.safeguarding_concern
-    text = "\n".join(t for t in (message.subject, message.visible_text, message.hidden_text) if t)
     by_category: dict[str, list[Hit]] = {}
-    for hit in rules.safeguarding.find(text, settings.context_words):
-        by_category.setdefault(hit.term.category, []).append(hit)
+    # Each text on its own, the same strings obscene_language reads: normalised once.
+    for text in (message.subject, message.visible_text, message.hidden_text):
+        for hit in rules.safeguarding.find(text, settings.context_words) if text else []:
+            by_category.setdefault(hit.term.category, []).append(hit)
     findings = []
     for category, hits in by_category.items():
         worst = max(h.term.severity for h in hits)
