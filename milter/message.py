@@ -74,9 +74,10 @@ def _decode_bytes(data: bytes, declared: str | None) -> tuple[str, bool]:
         return data.decode("utf-8"), declared is not None and declared.lower() not in ("us-ascii", "ascii")
     except UnicodeDecodeError:
         pass
-    # Detection is slow, so only small bodies get it; cp1252 decodes any byte sequence
-    # and is the most common mislabelled charset in mail.
-    if len(data) <= 64_000:
+    # Detection is slow, and a guess from a few bytes is noise (a header word comes out
+    # as Chinese), so only mid-sized text gets it; cp1252 decodes any byte sequence and
+    # is the most common mislabelled charset in mail.
+    if 64 <= len(data) <= 64_000:
         best = charset_normalizer.from_bytes(data).best()
         if best is not None:
             return str(best), True

@@ -26,7 +26,12 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[Path_, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise RulesError([Problem(path, line, f"not valid YAML: {exc.problem or exc.context}")]) from None
+        reason = f"not valid YAML: {exc.problem or exc.context}"
+        # The parser notices a mistake where it gives up, often a line after the typo;
+        # the construct it was reading says where to look.
+        if exc.context and exc.context_mark and exc.context_mark.line + 1 != line:
+            reason += f" ({exc.context} that started on line {exc.context_mark.line + 1})"
+        raise RulesError([Problem(path, line, reason)]) from None
     except yaml.YAMLError as exc:
         raise RulesError([Problem(path, None, f"not valid YAML: {exc}")]) from None
     finally:

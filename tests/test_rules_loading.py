@@ -1,0 +1,152 @@
+"""check-rules and load_rules: a broken rules file is named with its line and the problem."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from milter.cli import main
+from milter.errors import RulesError
+from milter.policy.loader import load_rules
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def rules_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", target)
+    return target
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def line_of(path: Path, needle: str) -> int:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if needle in line:
+            return number
+    raise AssertionError(needle)
+
+
+def problems(root: Path) -> list[str]:
+    with pytest.raises(RulesError) as info:
+        load_rules(root)
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_rules_load(rules_copy: Path) -> None:
+    rules = load_rules(rules_copy)
+    assert rules.policy.school.name == "Redborne Upper School"
+    assert len(rules.obscene) > 1000
+    assert rules.directory is not None and len(rules.directory) >= 15
+
+
+def test_unknown_action_names_file_line_and_choices(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(
+        policy,
+        "    action: reject\n    guidance: missing_bcc",
+        "    action: bounce\n    guidance: missing_bcc",
+    )
+    found = problems(rules_copy)
+    assert len(found) == 1
+    expected_line = line_of(policy, "action: bounce")
+    assert found[0].startswith(f"{policy}:{expected_line}: ")
+    assert "bounce" in found[0] or "accept" in found[0]
+
+
+def test_yaml_syntax_error_has_line(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(policy, "  name: Redborne Upper School", "  name: [Redborne Upper School")
+    (found,) = problems(rules_copy)
+    assert found.startswith(f"{policy}:") and "not valid YAML" in found
+    # The typo's own line is named, either as the error line or as where the construct began.
+    typo = line_of(policy, "name: [Redborne")
+    assert found.startswith(f"{policy}:{typo}:") or f"started on line {typo})" in found
+
+
+def test_unknown_key_is_refused_with_line(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(policy, "    max_visible_parents: 2", "    max_visible_parent: 2")
+    (found,) = problems(rules_copy)
+    assert found.startswith(f"{policy}:{line_of(policy, 'max_visible_parent: 2')}: ")
+    assert "max_visible_parent" in found and "not permitted" in found
+
+
+def test_bad_size_and_bad_network(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(policy, "max_total: 100MB", "max_total: lots")
+    edit(policy, "10.20.0.0/16", "10.20.0.0/33")
+    found = problems(rules_copy)
+    assert any(f":{line_of(policy, 'max_total: lots')}:" in p and "max_total" in p for p in found)
+    assert any(f":{line_of(policy, '10.20.0.0/33')}:" in p and "trusted_networks" in p for p in found)
+
+
+def test_last_rule_must_catch_everything(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(policy, "  - action: accept\n", "  - action: accept\n    detector: shouting\n")
+    (found,) = problems(rules_copy)
+    assert "last rule" in found
+
+
+def test_directory_bad_role_names_csv_line(rules_copy: Path) -> None:
+    directory = rules_copy / "directory.csv"
+    edit(directory, "tom.green@gmail.example,parent", "tom.green@gmail.example,guardian")
+    (found,) = problems(rules_copy)
+    assert found.startswith(f"{directory}:{line_of(directory, 'guardian')}: ")
+    assert "guardian" in found
+
+
+def test_lexicon_bad_severity_names_line(rules_copy: Path) -> None:
+    lexicon = rules_copy / "lexicon" / "safeguarding.tsv"
+    with lexicon.open("a") as handle:
+        handle.write("go away\tbullying\tterrible\n")
+    (found,) = problems(rules_copy)
+    assert found.startswith(f"{lexicon}:{len(lexicon.read_text().splitlines())}: ")
+    assert "terrible" in found
+
+
+def test_template_syntax_error_and_missing_template(rules_copy: Path) -> None:
+    template = rules_copy / "guidance" / "bulk_weight.txt"
+    template.write_text("line one\n{% if %}\n")
+    (rules_copy / "guidance" / "advertising.txt").unlink()
+    found = problems(rules_copy)
+    assert any(p.startswith(f"{template}:2: template error") for p in found)
+    assert any("guidance 'advertising' has no template" in p for p in found)
+
+
+def test_every_problem_reported_at_once(rules_copy: Path) -> None:
+    edit(rules_copy / "directory.csv", "tom.green@gmail.example,parent", "not-an-address,parent")
+    (rules_copy / "domains" / "adult.txt").write_text("https://porn.example/videos\n")
+    found = problems(rules_copy)
+    assert len(found) >= 2
+    assert any("directory.csv:" in p for p in found)
+    assert any("adult.txt:1:" in p for p in found)
+
+
+def test_unknown_alert_role_and_clause(rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    edit(policy, "alert: [it]", "alert: [caretaker]")
+    edit(policy, "  shouting:\n", "  shouting:\n    clause: '9.9'\n")
+    found = problems(rules_copy)
+    assert any("caretaker" in p for p in found)
+    assert any("'9.9'" in p for p in found)
+
+
+def test_check_rules_command_exit_codes(rules_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-rules", str(rules_copy)]) == 0
+    assert "OK" in capsys.readouterr().out
+    edit(rules_copy / "policy.yaml", "min_subject_letters: 12", "min_subject_letters: -1")
+    assert main(["check-rules", str(rules_copy)]) == 1
+    err = capsys.readouterr().err
+    assert "policy.yaml:" in err and "min_subject_letters" in err
+
+
+def test_missing_policy_file(tmp_path: Path) -> None:
+    (found,) = problems(tmp_path)
+    assert "policy.yaml" in found and "missing" in found
