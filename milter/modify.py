@@ -1,0 +1,102 @@
+"""Message modifications a Verdict asks for, independent of the wire that carries them out.
+
+The milter sends them as protocol replies at end of message; SMTP mode applies them to
+the bytes before relaying. Both take the same list, so both modes change mail alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from milter.message import Message
+from milter.policy.schema import Action
+from milter.verdict import Verdict
+
+# RFC 5322 group syntax with no members: what mail clients show when every address is in Bcc.
+UNDISCLOSED = "undisclosed-recipients:;"
+
+
+@dataclass(frozen=True)
+class AddHeader:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ChangeHeader:
+    """Replace the `index`-th (1-based) occurrence of a header; value None deletes it."""
+
+    name: str
+    index: int
+    value: str | None
+
+
+Modification = AddHeader | ChangeHeader
+
+
+def _encode_if_needed(value: str) -> str:
+    if value.isascii():
+        return value
+    from email.header import Header
+
+    return Header(value, "utf-8").encode()
+
+
+def modifications(verdict: Verdict, message: Message) -> list[Modification]:
+    """What to change in the delivered message, for verdicts that deliver it (accept, tag, fix)."""
+    if verdict.action not in (Action.ACCEPT, Action.TAG, Action.FIX, Action.QUARANTINE):
+        return []
+    changes: list[Modification] = [AddHeader(name, value) for name, value in verdict.headers]
+    if verdict.action in (Action.TAG, Action.FIX) and verdict.subject_prefix:
+        subject = message.subject
+        if not subject.startswith(verdict.subject_prefix.strip()):
+            new = _encode_if_needed(verdict.subject_prefix + subject)
+            changes.append(
+                ChangeHeader("Subject", 1, new)
+                if message.header("subject") is not None
+                else AddHeader("Subject", new)
+            )
+    if verdict.action is Action.FIX and any(f.detector == "missing_bcc" for f in verdict.findings):
+        # Parents must not see each other: To becomes the empty group, every Cc goes.
+        # The envelope recipients are untouched, so everyone still gets the message.
+        to_count = len(message.headers("to"))
+        for index in range(to_count, 0, -1):
+            changes.append(ChangeHeader("To", index, UNDISCLOSED if index == 1 else None))
+        if to_count == 0:
+            changes.append(AddHeader("To", UNDISCLOSED))
+        for index in range(len(message.headers("cc")), 0, -1):
+            changes.append(ChangeHeader("Cc", index, None))
+    return changes
+
+
+def apply_to_bytes(raw: bytes, changes: list[Modification]) -> bytes:
+    """The message with the changes made to its header block; the body is not touched."""
+    if not changes:
+        return raw
+    crlf = b"\r\n" in raw[:4096]
+    eol = b"\r\n" if crlf else b"\n"
+    split = raw.find(eol + eol)
+    head, body = (raw, b"") if split < 0 else (raw[: split + len(eol)], raw[split + len(eol) :])
+    # Header fields as (name, complete field bytes including folded continuation lines).
+    fields: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += line
+        else:
+            fields.append([line.split(b":", 1)[0].strip().lower(), line])
+    for change in changes:
+        if isinstance(change, AddHeader):
+            # Added on top, as an MTA adds trace headers: the receiving side reads them first.
+            fields.insert(0, [change.name.lower().encode(), f"{change.name}: {change.value}".encode() + eol])
+            continue
+        seen = 0
+        for field in fields:
+            if field[0] == change.name.lower().encode():
+                seen += 1
+                if seen == change.index:
+                    field[1] = (
+                        b"" if change.value is None else f"{change.name}: {change.value}".encode() + eol
+                    )
+                    break
+    out = b"".join(f[1] for f in fields)
+    return out + (body if split >= 0 else b"")

@@ -1,0 +1,493 @@
+"""The milter server: one asyncio task per MTA connection, driving the codec and the engine.
+
+Nothing is lost: any failure while handling a message ends in a 4xx reply with a
+reference id, so the MTA keeps the message and retries. The scan runs in a thread
+pool so the event loop keeps answering other connections and can send keep-alives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from milter import protocol as p
+from milter.decide import TEMPFAIL_TEXT
+from milter.engine import Scan, scan
+from milter.envelope import Envelope
+from milter.modify import AddHeader, ChangeHeader, modifications
+from milter.policy.loader import Rules
+from milter.policy.schema import Action
+from milter.reference import new_reference
+
+log = logging.getLogger(__name__)
+
+# What we ask the MTA for: header changes (tag, fix), quarantine, and our own macro list.
+WANTED_ACTIONS = p.ADD_HEADERS | p.CHANGE_HEADERS | p.QUARANTINE | p.SET_SYMLIST
+# Steps we never use are skipped; every step but end-of-message needs no reply, which
+# saves a round trip per header and per body chunk.
+WANTED_PROTOCOL = (
+    p.NO_UNKNOWN
+    | p.NO_DATA
+    | p.NR_CONNECT
+    | p.NR_HELO
+    | p.NR_MAIL
+    | p.NR_RCPT
+    | p.NR_HEADER
+    | p.NR_EOH
+    | p.NR_BODY
+    | p.NR_DATA
+    | p.NR_UNKNOWN
+    | p.HEADER_LEADING_SPACE
+)
+# Only the macros the engine uses: client address and name, authenticated user, queue id.
+WANTED_MACROS = {
+    p.STAGE_CONNECT: ["{client_addr}", "{client_name}"],
+    p.STAGE_MAIL: ["{auth_authen}", "i"],
+    p.STAGE_EOM: ["i"],
+}
+NO_REPLY_FLAG: dict[type, int] = {
+    p.Connect: p.NR_CONNECT,
+    p.Helo: p.NR_HELO,
+    p.MailFrom: p.NR_MAIL,
+    p.RcptTo: p.NR_RCPT,
+    p.Data: p.NR_DATA,
+    p.Header: p.NR_HEADER,
+    p.EndOfHeaders: p.NR_EOH,
+    p.BodyChunk: p.NR_BODY,
+    p.UnknownSmtpCommand: p.NR_UNKNOWN,
+}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_connections: int = 200
+    # Between two commands from the MTA; Postfix keeps a milter connection for a whole session.
+    idle_timeout: float = 900.0
+    scan_timeout: float = 120.0
+    # Keep-alives while a scan runs, well inside Postfix's milter_content_timeout (300 s).
+    progress_interval: float = 10.0
+    max_packet: int = p.DEFAULT_MAX_PACKET
+    max_message_bytes: int = 100_000_000
+    # Bodies larger than this are kept in a temporary file instead of memory.
+    spool_threshold: int = 4_000_000
+
+
+@dataclass
+class Decision:
+    """What happened to one message, for logs and metrics (no content)."""
+
+    reference: str
+    action: str
+    scan_seconds: float
+    queue_id: str | None
+    size: int
+    recipients: int
+    result: Scan | None = None
+    error: str | None = None
+
+
+DecisionHook = Callable[[Decision], None]
+
+
+@dataclass
+class _MessageState:
+    mail_from: str | None = None
+    rcpts: list[str] = field(default_factory=list)
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    body: tempfile.SpooledTemporaryFile[bytes] | None = None
+    size: int = 0
+    too_large: bool = False
+
+
+class MilterSession:
+    """One MTA connection: several messages, possibly several SMTP sessions (QUIT_NC)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        server: MilterServer,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.server = server
+        self.limits = server.limits
+        self.decoder = p.Decoder(max_packet=self.limits.max_packet)
+        self.actions = 0
+        self.protocol = 0
+        self._reset_connection()
+
+    def _reset_connection(self) -> None:
+        self.macros: dict[str, str] = {}
+        self.client_address: str | None = None
+        self.client_name: str | None = None
+        self.helo: str | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        state = getattr(self, "message", None)
+        if state is not None and state.body is not None:
+            state.body.close()
+        self.message = _MessageState()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(self.reader.read(65536 + 16), self.limits.idle_timeout)
+                except TimeoutError:
+                    log.info("milter connection idle for %.0f s: closing", self.limits.idle_timeout)
+                    return
+                if not data:
+                    return
+                for command in self.decoder.feed(data):
+                    if not await self._handle(command):
+                        return
+        except p.ProtocolError as exc:
+            log.warning("milter protocol error, closing the connection: %s", exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._reset_message()
+            self.writer.close()
+
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _handle(self, command: p.Command) -> bool:
+        """Handle one command; False ends the connection."""
+        if isinstance(command, p.OptionNegotiation):
+            await self._negotiate(command)
+            return True
+        if isinstance(command, p.DefineMacros):
+            self.macros.update(command.macros)
+            return True
+        if isinstance(command, p.Connect):
+            self.client_name = command.hostname
+            self.client_address = command.address if command.family in ("4", "6") else None
+        elif isinstance(command, p.Helo):
+            self.helo = command.name
+        elif isinstance(command, p.MailFrom):
+            self._reset_message()
+            self.message.mail_from = command.address
+        elif isinstance(command, p.RcptTo):
+            self.message.rcpts.append(command.address)
+        elif isinstance(command, p.Header):
+            self._add_header(command)
+        elif isinstance(command, p.BodyChunk):
+            self._add_body(command.data)
+        elif isinstance(command, p.EndOfMessage):
+            if command.data:
+                self._add_body(command.data)
+            await self._end_of_message()
+            self._reset_message()
+            return True
+        elif isinstance(command, p.Abort):
+            self._reset_message()
+            return True
+        elif isinstance(command, p.Quit):
+            return False
+        elif isinstance(command, p.QuitNewConnection):
+            self._reset_connection()
+            return True
+        # Steps that want a reply unless negotiated away; unknown packets get continue too.
+        flag = NO_REPLY_FLAG.get(type(command), 0)
+        if not (flag and self.protocol & flag):
+            await self._send(p.continue_())
+        return True
+
+    async def _negotiate(self, offer: p.OptionNegotiation) -> None:
+        if offer.version < 2:
+            raise p.ProtocolError(f"milter protocol version {offer.version} is too old")
+        self.actions = WANTED_ACTIONS & offer.actions
+        self.protocol = WANTED_PROTOCOL & offer.protocol
+        macros = WANTED_MACROS if self.actions & p.SET_SYMLIST else None
+        missing = WANTED_ACTIONS & ~offer.actions & ~p.SET_SYMLIST
+        if missing:
+            log.warning(
+                "the MTA does not offer milter actions 0x%x: tags and fixes may be incomplete", missing
+            )
+        await self._send(p.option_negotiation(self.actions, self.protocol, macros))
+
+    def _add_header(self, header: p.Header) -> None:
+        value = header.value
+        # Folded values arrive with bare newlines; the message is rebuilt with CRLF.
+        value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if not self.protocol & p.HEADER_LEADING_SPACE:
+            value = b" " + value
+        self._count(len(header.name) + len(value) + 3)
+        if not self.message.too_large:
+            self.message.headers.append((header.name, value))
+
+    def _add_body(self, data: bytes) -> None:
+        self._count(len(data))
+        if self.message.too_large:
+            return
+        if self.message.body is None:
+            # Lives across many BODY commands; closed in _reset_message.
+            self.message.body = tempfile.SpooledTemporaryFile(max_size=self.limits.spool_threshold)  # noqa: SIM115
+        self.message.body.write(data)
+
+    def _count(self, size: int) -> None:
+        self.message.size += size
+        if self.message.size > self.limits.max_message_bytes:
+            self.message.too_large = True
+
+    def _raw_message(self) -> bytes:
+        head = b"".join(
+            name.encode("utf-8", "surrogateescape") + b":" + value + b"\r\n"
+            for name, value in self.message.headers
+        )
+        body = b""
+        if self.message.body is not None:
+            self.message.body.seek(0)
+            body = self.message.body.read()
+        return head + b"\r\n" + body
+
+    def _envelope(self) -> Envelope:
+        macros = self.macros
+        return Envelope(
+            mail_from=self.message.mail_from,
+            rcpt_to=tuple(self.message.rcpts),
+            client_address=macros.get("client_addr") or self.client_address,
+            client_name=macros.get("client_name") or self.client_name,
+            helo=self.helo,
+            auth_user=macros.get("auth_authen") or None,
+            queue_id=macros.get("i"),
+            macros=dict(macros),
+        )
+
+    async def _end_of_message(self) -> None:
+        envelope = self._envelope()
+        state = self.message
+        started = time.perf_counter()
+        if state.too_large:
+            reference = new_reference(self.server.rules_provider().policy.reference_prefix)
+            await self._send(
+                p.reply_code(
+                    552, "5.3.4", [f"Message too large for the school's gateway. Reference {reference}."]
+                )
+            )
+            self.server.decided(
+                Decision(
+                    reference,
+                    "reject",
+                    0.0,
+                    envelope.queue_id,
+                    state.size,
+                    len(state.rcpts),
+                    error="too large",
+                )
+            )
+            return
+        try:
+            raw = self._raw_message()
+            result = await self._scan(raw, envelope)
+        except Exception as exc:
+            await self._failed(envelope, exc, time.perf_counter() - started)
+            return
+        await self._apply(result)
+        self.server.decided(
+            Decision(
+                result.verdict.reference,
+                result.verdict.action.value,
+                time.perf_counter() - started,
+                envelope.queue_id,
+                len(raw),
+                len(state.rcpts),
+                result,
+            )
+        )
+
+    async def _scan(self, raw: bytes, envelope: Envelope) -> Scan:
+        loop = asyncio.get_running_loop()
+        rules = self.server.rules_provider()
+        future = loop.run_in_executor(self.server.executor, self.server.scanner, raw, envelope, rules)
+        deadline = loop.time() + self.limits.scan_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                future.cancel()
+                raise TimeoutError(f"scan took longer than {self.limits.scan_timeout:.0f} s")
+            done, _ = await asyncio.wait({future}, timeout=min(self.limits.progress_interval, remaining))
+            if done:
+                return future.result()
+            await self._send(p.progress())
+
+    async def _failed(self, envelope: Envelope, exc: Exception, seconds: float) -> None:
+        rules = self.server.rules_provider()
+        reference = new_reference(rules.policy.reference_prefix)
+        # The exception's type only: its text may quote the message.
+        log.error(
+            "scan failed (reference %s, queue id %s): %s", reference, envelope.queue_id, type(exc).__name__
+        )
+        if rules.policy.on_failure.default == "fail_open":
+            if self.actions & p.ADD_HEADERS:
+                await self._send(
+                    p.insert_header(0, rules.policy.headers.verdict, f"unscanned; ref={reference}")
+                )
+            await self._send(p.continue_())
+            action = "accept"
+        else:
+            text = TEMPFAIL_TEXT.format(reference=reference)
+            await self._send(p.reply_code(451, "4.3.0", reply_lines(text)))
+            action = "tempfail"
+        self.server.decided(
+            Decision(
+                reference,
+                action,
+                seconds,
+                envelope.queue_id,
+                self.message.size,
+                len(self.message.rcpts),
+                error=type(exc).__name__,
+            )
+        )
+
+    async def _apply(self, result: Scan) -> None:
+        verdict = result.verdict
+        for change in modifications(verdict, result.message):
+            if isinstance(change, AddHeader) and self.actions & p.ADD_HEADERS:
+                # On top, where an MTA puts its own trace headers.
+                await self._send(p.insert_header(0, change.name, change.value))
+            elif isinstance(change, ChangeHeader) and self.actions & p.CHANGE_HEADERS:
+                await self._send(p.change_header(change.name, change.index, change.value or ""))
+        action = verdict.action
+        if (action is Action.REJECT and verdict.reply) or (action is Action.TEMPFAIL and verdict.reply):
+            await self._send(
+                p.reply_code(verdict.reply.code, verdict.reply.enhanced, reply_lines(verdict.reply.text))
+            )
+        elif action is Action.DISCARD:
+            await self._send(p.discard())
+        elif action is Action.QUARANTINE:
+            if self.actions & p.QUARANTINE:
+                await self._send(p.quarantine(f"school policy, reference {verdict.reference}"))
+                await self._send(p.continue_())
+            else:
+                # Without quarantine the only safe choices are keep-and-retry or refuse: retry.
+                log.warning("MTA cannot quarantine; tempfailing %s instead", verdict.reference)
+                await self._send(
+                    p.reply_code(451, "4.7.0", [f"Held for review. Reference {verdict.reference}."])
+                )
+        else:
+            await self._send(p.continue_())
+
+
+def reply_lines(text: str) -> list[str]:
+    """A long reply split before its reference, so the reference stands on a line of its own."""
+    head, sep, tail = text.partition(" Reference ")
+    return [head, f"Reference {tail}"] if sep else [text]
+
+
+class MilterServer:
+    """Accepts MTA connections on a listening socket and runs a MilterSession for each."""
+
+    def __init__(
+        self,
+        rules_provider: Callable[[], Rules],
+        limits: ServerLimits | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        on_decision: DecisionHook | None = None,
+        scanner: Callable[[bytes, Envelope, Rules], Scan] = scan,
+    ) -> None:
+        self.rules_provider = rules_provider
+        self.limits = limits or ServerLimits()
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="scan"
+        )
+        self.on_decision = on_decision
+        self.scanner = scanner
+        self.active = 0
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    def decided(self, decision: Decision) -> None:
+        if self.on_decision:
+            try:
+                self.on_decision(decision)
+            except Exception:
+                log.exception("decision hook failed")
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.limits.max_connections:
+            # The MTA applies its milter_default_action (tempfail): the mail waits, it is not lost.
+            log.warning(
+                "connection limit (%d) reached: refusing a milter connection", self.limits.max_connections
+            )
+            writer.close()
+            return
+        self.active += 1
+        task = asyncio.current_task()
+        if task:
+            self._sessions.add(task)
+        try:
+            await MilterSession(reader, writer, self).run()
+        finally:
+            self.active -= 1
+            if task:
+                self._sessions.discard(task)
+
+    async def start(self, sock: socket.socket) -> None:
+        if sock.family == socket.AF_UNIX:
+            self._server = await asyncio.start_unix_server(self._connection, sock=sock)
+        else:
+            self._server = await asyncio.start_server(self._connection, sock=sock)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting; give messages in flight up to `grace` seconds to finish."""
+        if self._server:
+            self._server.close()
+        if self._sessions:
+            _done, pending = await asyncio.wait(set(self._sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+
+
+def parse_address(spec: str) -> tuple[str, str | tuple[str, int]]:
+    """Postfix/Sendmail socket names: inet:HOST:PORT, inet:PORT@HOST, inet6:..., unix:/path, local:/path."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{spec!r}: expected inet:HOST:PORT or unix:/path")
+    if kind in ("unix", "local"):
+        if not rest:
+            raise ValueError(f"{spec!r}: no socket path")
+        return "unix", rest
+    if kind in ("inet", "inet6"):
+        if "@" in rest:
+            port, _, host = rest.partition("@")
+        else:
+            host, _, port = rest.rpartition(":")
+        host = host.strip("[]") or ("::1" if kind == "inet6" else "127.0.0.1")
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{spec!r}: bad port {port!r}")
+        return kind, (host, int(port))
+    raise ValueError(f"{spec!r}: unknown socket type {kind!r} (use inet, inet6 or unix)")
+
+
+def bind(spec: str, backlog: int = 256) -> socket.socket:
+    """A listening socket for the spec; shared by worker processes after fork."""
+    kind, where = parse_address(spec)
+    if kind == "unix":
+        assert isinstance(where, str)
+        if os.path.exists(where):
+            os.unlink(where)  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(where)
+        os.chmod(where, 0o660)
+    else:
+        assert isinstance(where, tuple)
+        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,324 @@
+"""The milter server spoken to by an independent client (the `miltertest` package) and by our codec."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import miltertest
+import pytest
+from miltertest import constants as mc
+
+from milter import protocol as p
+from milter.engine import Scan
+from milter.envelope import Envelope
+from milter.policy.loader import Rules
+from milter.server import Decision, MilterServer, ServerLimits, bind, parse_address, reply_lines
+from tests.mail import build
+
+
+class Running:
+    """A MilterServer on its own event loop thread, bound to a free loopback port."""
+
+    def __init__(self, rules: Rules, limits: ServerLimits | None = None, scanner: object = None) -> None:
+        self.decisions: list[Decision] = []
+        kwargs = {"scanner": scanner} if scanner else {}
+        self.server = MilterServer(lambda: rules, limits, on_decision=self.decisions.append, **kwargs)  # type: ignore[arg-type]
+        self.sock = bind("inet:127.0.0.1:0")
+        self.port = self.sock.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(self.sock), self.loop).result(5)
+
+    def decision(self, count: int) -> Decision:
+        """The count-th decision, waiting for it: the hook runs just after the reply is sent."""
+        deadline = time.monotonic() + 5
+        while len(self.decisions) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.decisions[count - 1]
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(1), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def running(rules: Rules) -> Iterator[Running]:
+    server = Running(rules)
+    yield server
+    server.close()
+
+
+def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    head, _, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
+    headers: list[tuple[str, str]] = []
+    for line in head.decode().split("\n"):
+        if line[:1] in (" ", "\t"):
+            name, value = headers[-1]
+            headers[-1] = (name, value + "\n" + line)
+        else:
+            name, _, value = line.partition(":")
+            headers.append((name, value.lstrip()))
+    return headers, body.replace(b"\n", b"\r\n")
+
+
+def converse(
+    conn: miltertest.MilterConnection, raw: bytes, sender: str, rcpts: list[str], client: str = "127.0.0.1"
+) -> list[tuple[str, dict[str, object]]]:
+    conn.send(mc.SMFIC_CONNECT, hostname="localhost", family=mc.SMFIA_INET, port=25000, address=client)
+    conn.send(mc.SMFIC_HELO, helo="client.example")
+    conn.send(mc.SMFIC_MAIL, args=[f"<{sender}>"])
+    for rcpt in rcpts:
+        conn.send(mc.SMFIC_RCPT, args=[f"<{rcpt}>"])
+    headers, body = split_message(raw)
+    conn.send_headers(headers)
+    conn.send(mc.SMFIC_EOH)
+    conn.send_body(body.decode())  # miltertest encodes the body itself, from str
+    return conn.send_eom()  # type: ignore[no-any-return]
+
+
+def negotiate(sock: socket.socket) -> miltertest.MilterConnection:
+    conn = miltertest.MilterConnection(sock)
+    # An MTA that offers no "no reply" steps (the server must answer each one) and no
+    # symbol list (miltertest cannot decode that extension; our own codec test covers it).
+    conn.optneg_mta(actions=mc.SMFI_V6_ACTS & ~p.SET_SYMLIST, protocol=0)
+    return conn
+
+
+def test_clean_mail_continues_with_result_header(running: Running) -> None:
+    with running.connect() as sock:
+        conn = negotiate(sock)
+        replies = converse(conn, build(), "j.hughes@redborne.example", ["a.patel@redborne.example"])
+    codes = [r[0] for r in replies]
+    assert codes[-1] == mc.SMFIR_CONTINUE
+    inserted = [r[1] for r in replies if r[0] == mc.SMFIR_INSHEADER]
+    assert inserted and inserted[0]["name"] == "X-School-Policy"
+    assert str(inserted[0]["value"]).startswith("accept; ref=RB-")
+    assert running.decision(1).action == "accept"
+
+
+def test_obscene_mail_from_staff_rejected_with_clause(running: Running) -> None:
+    raw = build("j.hughes@redborne.example", "x@elsewhere.example", "Re: order", "this is fucking late")
+    with running.connect() as sock:
+        conn = negotiate(sock)
+        replies = converse(conn, raw, "j.hughes@redborne.example", ["x@elsewhere.example"])
+    kind, data = replies[-1]
+    assert kind == mc.SMFIR_REPLYCODE
+    text = str(data)
+    assert "550" in text and "5.7.1" in text and "clause 5.5" in text and "Reference RB-" in text
+
+
+def test_several_messages_on_one_connection_and_abort(running: Running) -> None:
+    with running.connect() as sock:
+        conn = negotiate(sock)
+        first = converse(
+            conn, build(subject="one"), "j.hughes@redborne.example", ["a.patel@redborne.example"]
+        )
+        conn._send(mc.SMFIC_ABORT)
+        second = converse(
+            conn,
+            build(subject="WHO LEFT THE LAB DOOR OPEN AGAIN"),
+            "j.hughes@redborne.example",
+            ["a.patel@redborne.example"],
+        )
+    assert first[-1][0] == mc.SMFIR_CONTINUE
+    changed = [r[1] for r in second if r[0] == mc.SMFIR_CHGHEADER]
+    assert changed and changed[0]["name"] == "Subject" and str(changed[0]["value"]).startswith("[Shouting] ")
+    assert [running.decision(1).action, running.decision(2).action] == ["accept", "tag"]
+
+
+def test_quarantine_uses_the_protocol_action(running: Running) -> None:
+    raw = build("spam@elsewhere.example", "a.patel@redborne.example", "hi", "fuck you and your school")
+    with running.connect() as sock:
+        conn = negotiate(sock)
+        replies = converse(
+            conn, raw, "spam@elsewhere.example", ["a.patel@redborne.example"], client="203.0.113.9"
+        )
+        # miltertest counts quarantine as final; in libmilter and Postfix it is a modification
+        # followed by the real disposition, which must come next.
+        final = conn.recv()
+    assert replies[-1][0] == mc.SMFIR_QUARANTINE and "RB-" in str(replies[-1][1])
+    assert final[0] == mc.SMFIR_CONTINUE
+
+
+def test_engine_failure_is_a_tempfail_with_reference(rules: Rules) -> None:
+    def broken(raw: bytes, envelope: Envelope, rules: Rules) -> Scan:
+        raise RuntimeError("boom")
+
+    server = Running(rules, scanner=broken)
+    try:
+        with server.connect() as sock:
+            conn = negotiate(sock)
+            replies = converse(conn, build(), "j.hughes@redborne.example", ["a.patel@redborne.example"])
+        kind, data = replies[-1]
+        assert kind == mc.SMFIR_REPLYCODE
+        assert "451" in str(data) and "4.3.0" in str(data) and "Reference RB-" in str(data)
+        assert server.decision(1).action == "tempfail" and server.decision(1).error == "RuntimeError"
+    finally:
+        server.close()
+
+
+def test_slow_scan_sends_progress_keepalives(rules: Rules) -> None:
+    from milter.engine import scan
+
+    def slow(raw: bytes, envelope: Envelope, rules: Rules) -> Scan:
+        time.sleep(0.6)
+        return scan(raw, envelope, rules)
+
+    server = Running(rules, ServerLimits(progress_interval=0.1), scanner=slow)
+    try:
+        with server.connect() as sock:
+            conn = negotiate(sock)
+            conn.send(mc.SMFIC_MAIL, args=["<j.hughes@redborne.example>"])
+            conn.send(mc.SMFIC_RCPT, args=["<a.patel@redborne.example>"])
+            headers, body = split_message(build())
+            conn.send_headers(headers)
+            conn.send(mc.SMFIC_EOH)
+            conn.send_body(body.decode())
+            conn._send(mc.SMFIC_BODYEOB)
+            seen = []
+            while True:
+                kind, _ = conn._recv()
+                seen.append(kind)
+                if kind in miltertest.DISPOSITION_REPLIES:
+                    break
+        assert seen.count(mc.SMFIR_PROGRESS) >= 3
+        assert seen[-1] == mc.SMFIR_CONTINUE
+    finally:
+        server.close()
+
+
+def test_scan_timeout_is_a_tempfail(rules: Rules) -> None:
+    def stuck(raw: bytes, envelope: Envelope, rules: Rules) -> Scan:
+        time.sleep(2)
+        raise AssertionError("unreachable")
+
+    server = Running(rules, ServerLimits(scan_timeout=0.3, progress_interval=0.1), scanner=stuck)
+    try:
+        with server.connect() as sock:
+            conn = negotiate(sock)
+            replies = converse(conn, build(), "j.hughes@redborne.example", ["a.patel@redborne.example"])
+        assert replies[-1][0] == mc.SMFIR_REPLYCODE and "451" in str(replies[-1][1])
+    finally:
+        server.close()
+
+
+# --- our own codec as the MTA: "no reply" negotiation, macros, QUIT_NC, odd packets -------
+
+
+def exchange(sock: socket.socket, *commands: p.Command, expect: int = 0) -> list[tuple[str, bytes]]:
+    """Send commands; read `expect` replies, or with expect=0 up to a final disposition."""
+    sock.sendall(b"".join(p.encode_command(c) for c in commands))
+    data = b""
+    deadline = time.monotonic() + 10
+
+    def complete() -> bool:
+        replies = p.decode_replies(data)
+        if expect:
+            return len(replies) >= expect
+        return bool(replies) and replies[-1][0] in "acdrty"
+
+    while not complete() and time.monotonic() < deadline:
+        data += sock.recv(65536)
+    return p.decode_replies(data)
+
+
+def test_no_reply_steps_macros_and_connection_reuse(running: Running) -> None:
+    raw = build("j.hughes@redborne.example", "x@elsewhere.example", "x", "bullshit")
+    headers, body = split_message(raw)
+    message = [
+        p.MailFrom("j.hughes@redborne.example"),
+        p.RcptTo("x@elsewhere.example"),
+        *[p.Header(n, b" " + v.encode()) for n, v in headers],
+        p.EndOfHeaders(),
+        p.BodyChunk(body),
+        p.EndOfMessage(),
+    ]
+    with running.connect() as sock:
+        (optneg,) = exchange(sock, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+        assert optneg[0] == "O"
+        version, _actions, proto = struct.unpack("!III", optneg[1][:12])
+        assert version == 6 and proto & p.NR_HEADER and proto & p.NR_BODY and proto & p.HEADER_LEADING_SPACE
+        assert b"{client_addr}" in optneg[1] and b"{auth_authen}" in optneg[1]
+        # Untrusted client, but authenticated: guidance-worthy outbound reject.
+        replies = exchange(
+            sock,
+            p.DefineMacros("C", {"client_addr": "198.51.100.7"}),
+            p.Connect("client.example", "4", 4000, "198.51.100.7"),
+            p.DefineMacros("M", {"auth_authen": "j.hughes@redborne.example", "i": "4ABC123"}),
+            *message,
+        )
+        assert [r[0] for r in replies][-1:] == ["y"] and b"550 5.7.1" in replies[-1][1]
+        assert running.decision(1).queue_id == "4ABC123"
+        # QUIT_NC: a new SMTP session on the same socket; the old login must not carry over.
+        replies = exchange(sock, p.QuitNewConnection(), p.Connect("c", "4", 1, "198.51.100.7"), *message)
+        kinds = [r[0] for r in replies]
+        assert "q" in kinds and kinds[-1] == "c", "unauthenticated school sender from outside: quarantined"
+        # An unknown command letter is answered with continue, not a dropped connection.
+        assert exchange(sock, p.UnrecognisedPacket(b"Z", b"x"), expect=1)[0][0] == "c"
+
+
+def test_oversized_packet_closes_connection(running: Running) -> None:
+    with running.connect() as sock:
+        sock.sendall(struct.pack("!I", 50_000_000) + b"B")
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+
+
+def test_garbage_does_not_kill_the_server(running: Running) -> None:
+    with running.connect() as sock:
+        sock.sendall(struct.pack("!I", 1) + b"C")  # connect without data: a protocol error
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+    with running.connect() as sock:
+        (optneg,) = exchange(sock, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+        assert optneg[0] == "O"
+
+
+def test_codec_round_trip_and_limits() -> None:
+    decoder = p.Decoder(max_packet=100)
+    data = p.encode_command(p.Header("Subject", b" hello")) + p.encode_command(p.BodyChunk(b"x" * 10))
+    # Fed one byte at a time, packets still come out whole.
+    out: list[p.Command] = []
+    for i in range(len(data)):
+        out.extend(decoder.feed(data[i : i + 1]))
+    assert out == [p.Header("Subject", b" hello"), p.BodyChunk(b"x" * 10)]
+    with pytest.raises(p.ProtocolError):
+        decoder.feed(struct.pack("!I", 101) + b"B")
+
+
+def test_reply_code_multiline_and_escaping() -> None:
+    ((kind, data),) = p.decode_replies(p.reply_code(550, "5.7.1", ["first 100% line", "Reference RB-1"]))
+    assert kind == "y"
+    assert data == b"550-5.7.1 first 100percent line\r\n550 5.7.1 Reference RB-1\0"
+    assert reply_lines("Refused: x. Reference RB-AAAA-BBBB.") == ["Refused: x.", "Reference RB-AAAA-BBBB."]
+    with pytest.raises(ValueError):
+        p.reply_code(250, "2.0.0", ["no"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("inet:127.0.0.1:8894", ("inet", ("127.0.0.1", 8894))),
+        ("inet:8894@127.0.0.1", ("inet", ("127.0.0.1", 8894))),
+        ("inet6:[::1]:8894", ("inet6", ("::1", 8894))),
+        ("unix:/run/school-milter/milter.sock", ("unix", "/run/school-milter/milter.sock")),
+    ],
+)
+def test_parse_address(spec: str, parsed: tuple[str, object]) -> None:
+    assert parse_address(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["127.0.0.1:8894", "inet:127.0.0.1:http", "tcp:1", "unix:"])
+def test_parse_address_errors(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(spec)
