@@ -92,7 +92,7 @@ def _print_text(label: str, result: Scan, rules: Rules) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    rules = _load_or_report(Path(args.rules))
+    rules = _load_or_report(Path(args.rules or default_rules_dir()))
     if rules is None:
         return 2
     envelope = Envelope(
@@ -133,7 +133,7 @@ def _load_or_report(path: Path) -> Rules | None:
 
 
 def cmd_check_rules(args: argparse.Namespace) -> int:
-    path = Path(args.directory or args.rules)
+    path = Path(args.directory or args.rules or default_rules_dir())
     rules = _load_or_report(path)
     if rules is None:
         return 1
@@ -144,6 +144,29 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
         f"{len(rules.directory) if rules.directory else 0} directory entries"
     )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from milter.config import load_settings
+    from milter.daemon import main_serve
+
+    overrides: dict[str, object] = {
+        "rules": args.rules or (None if args.config else default_rules_dir()),
+        "milter": args.milter,
+        "smtp": args.smtp,
+        "next_hop": args.next_hop,
+        "workers": args.workers,
+        "metrics": args.metrics,
+        "spool": args.spool,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(args.config, overrides)
+    except RulesError as exc:
+        for problem in exc.problems:
+            print(f"school-milter: {problem}", file=sys.stderr)
+        return 2
+    return main_serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("serve", help="run the gateway: milter and/or SMTP mode")
+    p.add_argument(
+        "--config", type=Path, help="TOML file with a [gateway] table (see deploy/school-milter.toml)"
+    )
+    p.add_argument(
+        "--milter", help="milter socket, e.g. inet:127.0.0.1:8894 or unix:/run/school-milter/milter.sock"
+    )
+    p.add_argument("--smtp", help="SMTP mode: HOST:PORT to listen on")
+    p.add_argument("--next-hop", help="SMTP mode: HOST:PORT accepted mail is relayed to")
+    p.add_argument("--workers", type=int, help="worker processes sharing the socket (default 1)")
+    p.add_argument("--metrics", help="HOST:PORT for Prometheus metrics; '' to disable")
+    p.add_argument("--spool", type=Path, help="spool directory for SMTP mode")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-rules", help="check a rules directory and report every problem")
     p.add_argument("directory", nargs="?", help="rules directory (default: --rules)")

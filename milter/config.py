@@ -1,0 +1,81 @@
+"""The daemon's TOML configuration: where to listen, workers, limits; command-line options override it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from milter.errors import Problem, RulesError
+from milter.server import parse_address
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules: Path = Path("rules")
+    # Postfix/Sendmail socket name for the milter; empty to run SMTP mode only.
+    milter: str = "inet:127.0.0.1:8894"
+    # SMTP mode: "HOST:PORT" to listen on, and the next hop accepted mail is relayed to.
+    smtp: str = ""
+    next_hop: str = "127.0.0.1:10026"
+    spool: Path = Path("var/spool")
+    workers: int = Field(default=1, ge=1, le=64)
+    # Prometheus metrics, "HOST:PORT"; empty to disable.
+    metrics: str = "127.0.0.1:9464"
+    max_connections: int = Field(default=200, ge=1)
+    idle_timeout: float = Field(default=900.0, gt=0)
+    scan_timeout: float = Field(default=120.0, gt=0)
+    progress_interval: float = Field(default=10.0, gt=0)
+    max_message_bytes: int = Field(default=100_000_000, ge=1024)
+    # Seconds SIGTERM waits for messages in flight.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("milter")
+    @classmethod
+    def _milter_address(cls, v: str) -> str:
+        if v:
+            parse_address(v)
+        return v
+
+    @field_validator("smtp", "next_hop", "metrics")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if v:
+            host_port(v)
+        return v
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_settings(path: Path | None, overrides: dict[str, object]) -> Settings:
+    """The config file (if any) with command-line overrides on top; RulesError names file and key."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                loaded = tomllib.load(handle)
+        except OSError as exc:
+            raise RulesError([Problem(path, None, f"cannot read: {exc.strerror}")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise RulesError([Problem(path, None, f"not valid TOML: {exc}")]) from None
+        section = loaded.get("gateway", loaded)
+        if not isinstance(section, dict):
+            raise RulesError([Problem(path, None, "[gateway] must be a table")])
+        data.update(section)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        where = path or Path("(command line)")
+        raise RulesError(
+            [Problem(where, None, f"{'.'.join(map(str, e['loc']))}: {e['msg']}") for e in exc.errors()]
+        ) from None

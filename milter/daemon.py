@@ -1,0 +1,306 @@
+"""`school-milter serve`: the long-running daemon, one process or a parent with N workers.
+
+The parent binds the listening socket(s) and forks workers that share them, restarts a
+worker that dies, forwards SIGHUP (reload rules) and SIGTERM (finish messages in
+flight, then stop) to them, serves metrics, and tells systemd when it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from milter.config import Settings, host_port
+from milter.errors import RulesError
+from milter.multiproc import prepare_multiprocess
+from milter.policy.loader import Rules, load_rules
+from milter.server import Decision, MilterServer, ServerLimits, bind
+
+if TYPE_CHECKING:
+    # Imported for real only once the process knows whether metrics are shared between
+    # workers: prometheus_client picks its value store when it is first imported.
+    from milter.metrics import Metrics
+
+log = logging.getLogger("school_milter")
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify: one datagram to $NOTIFY_SOCKET (Type=notify units); nothing when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
+
+
+class RulesHolder:
+    """The rules in force; swapped whole on a successful reload, kept on a failed one."""
+
+    def __init__(self, path: Path, rules: Rules, metrics: Metrics | None) -> None:
+        self.path = path
+        self.rules = rules
+        self.metrics = metrics
+        if metrics:
+            metrics.dependency_up.labels("rules").set(1)
+
+    def get(self) -> Rules:
+        return self.rules
+
+    def reload(self) -> bool:
+        try:
+            rules = load_rules(self.path)
+        except RulesError as exc:
+            log.error(
+                "rules reload failed; keeping the rules in force",
+                extra={"event": "reload", "ok": False, "problems": [str(p) for p in exc.problems]},
+            )
+            if self.metrics:
+                self.metrics.dependency_up.labels("rules").set(0)
+            return False
+        except Exception as exc:
+            log.error("rules reload failed (%s); keeping the rules in force", type(exc).__name__)
+            return False
+        self.rules = rules
+        if self.metrics:
+            self.metrics.dependency_up.labels("rules").set(1)
+        log.info("rules reloaded", extra={"event": "reload", "ok": True})
+        return True
+
+
+def decision_logger(metrics: Metrics | None) -> Callable[[Decision], None]:
+    def record(decision: Decision) -> None:
+        fields: dict[str, object] = {
+            "event": "decision",
+            "reference": decision.reference,
+            "action": decision.action,
+            "queue_id": decision.queue_id,
+            "size": decision.size,
+            "recipients": decision.recipients,
+            "scan_ms": round(decision.scan_seconds * 1000, 2),
+        }
+        if decision.result:
+            verdict = decision.result.verdict
+            fields["direction"] = verdict.direction.value
+            fields["sender_role"] = verdict.sender_role.value
+            fields["clauses"] = list(verdict.clauses)
+            # Detector, category and severity only: evidence stays in the quarantine.
+            fields["findings"] = [f"{f.detector}/{f.category}/{f.severity}" for f in verdict.findings]
+            if verdict.failed_checks:
+                fields["failed_checks"] = list(verdict.failed_checks)
+        if decision.error:
+            fields["error"] = decision.error
+        log.info("decision", extra=fields)
+        if metrics:
+            metrics.observe(decision)
+
+    return record
+
+
+def _limits(settings: Settings) -> ServerLimits:
+    return ServerLimits(
+        max_connections=settings.max_connections,
+        idle_timeout=settings.idle_timeout,
+        scan_timeout=settings.scan_timeout,
+        progress_interval=settings.progress_interval,
+        max_message_bytes=settings.max_message_bytes,
+    )
+
+
+async def _run_worker(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> None:
+    from milter.metrics import Metrics
+
+    metrics = Metrics()
+    holder = RulesHolder(settings.rules, rules, metrics)
+    on_decision = decision_logger(metrics)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloading: list[asyncio.Future[bool]] = []
+
+    def on_hup() -> None:
+        # Loading builds automata: off the loop, so mail keeps flowing during a reload.
+        reloading.append(loop.run_in_executor(None, holder.reload))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    milter_server = None
+    if milter_sock is not None:
+        milter_server = MilterServer(holder.get, _limits(settings), on_decision=on_decision)
+        await milter_server.start(milter_sock)
+    smtp_gateway = None
+    if settings.smtp:
+        from milter.smtp_mode import SmtpGateway, SmtpModeConfig
+
+        listen_host, listen_port = host_port(settings.smtp)
+        hop_host, hop_port = host_port(settings.next_hop)
+        smtp_gateway = SmtpGateway(
+            SmtpModeConfig(
+                listen_host=listen_host,
+                listen_port=listen_port,
+                next_hop_host=hop_host,
+                next_hop_port=hop_port,
+                spool_dir=settings.spool,
+                max_message_bytes=settings.max_message_bytes,
+                max_connections=settings.max_connections,
+                timeout_seconds=settings.idle_timeout,
+            ),
+            holder.get,
+        )
+        smtp_gateway.on_decision = lambda verdict, envelope, seconds: on_decision(
+            Decision(
+                verdict.reference, verdict.action.value, seconds, envelope.queue_id, 0, len(envelope.rcpt_to)
+            )
+        )
+        await smtp_gateway.start()
+    log.info("worker ready", extra={"event": "ready", "pid": os.getpid()})
+    await stop.wait()
+    log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
+    if milter_server:
+        await milter_server.stop(settings.shutdown_grace)
+    if smtp_gateway:
+        await smtp_gateway.stop()
+
+
+def _worker_main(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> None:
+    asyncio.run(_run_worker(settings, rules, milter_sock))
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM; returns the process exit status."""
+    try:
+        rules = load_rules(settings.rules)
+    except RulesError as exc:
+        for problem in exc.problems:
+            log.error("rules problem: %s", problem)
+        log.error("not starting: the rules in %s have %d problem(s)", settings.rules, len(exc.problems))
+        return 2
+    for warning in rules.warnings:
+        log.warning(warning)
+    try:
+        milter_sock = bind(settings.milter) if settings.milter else None
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.milter, exc.strerror)
+        return 1
+    if milter_sock is None and not settings.smtp:
+        log.error("nothing to serve: set milter or smtp")
+        return 2
+    log.info(
+        "listening",
+        extra={
+            "event": "listening",
+            "milter": settings.milter,
+            "smtp": settings.smtp,
+            "workers": settings.workers,
+        },
+    )
+    if settings.workers == 1:
+        if settings.metrics:
+            from milter.metrics import serve_metrics
+
+            serve_metrics(*host_port(settings.metrics), multiprocess_mode=False)
+        notify_systemd("READY=1")
+        _worker_main(settings, rules, milter_sock)
+        notify_systemd("STOPPING=1")
+        return 0
+    return _supervise(settings, rules, milter_sock)
+
+
+def _supervise(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> int:
+    """Parent of N workers sharing the listening socket."""
+    if settings.smtp:
+        log.warning("SMTP mode runs in the first worker only; the milter socket is shared by all")
+    prepare_multiprocess(Path(tempfile.mkdtemp(prefix="school-milter-metrics-")))
+    from milter.metrics import serve_metrics, worker_exited
+
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                worker = settings if index == 0 else settings.model_copy(update={"smtp": ""})
+                _worker_main(worker, rules, milter_sock)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+
+    for index in range(settings.workers):
+        spawn(index)
+    # After forking, so the workers do not inherit the metrics listener.
+    if settings.metrics:
+        serve_metrics(*host_port(settings.metrics), multiprocess_mode=True)
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    notify_systemd("READY=1")
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, -1)
+        worker_exited(pid)
+        if index < 0 or stopping:
+            continue
+        # A worker died on its own: replace it, but not in a tight loop.
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        log.error(
+            "worker %d (pid %d) exited with status %d; restarting",
+            index,
+            pid,
+            os.waitstatus_to_exitcode(status),
+        )
+        if len(restarts) > 10:
+            log.error("workers keep dying (more than 10 in a minute): stopping")
+            stopping = True
+            forward(signal.SIGTERM, None)
+            continue
+        time.sleep(min(1.0, 0.1 * len(restarts)))
+        spawn(index)
+    notify_systemd("STOPPING=1")
+    return 0 if stopping else 1
+
+
+def main_serve(settings: Settings) -> int:
+    from milter.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    try:
+        return serve(settings)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sys.stderr.flush()

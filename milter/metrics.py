@@ -1,0 +1,80 @@
+"""Prometheus metrics: messages by action, findings by category, scan latency, errors, dependency health.
+
+With several worker processes, prometheus_client's multiprocess mode adds up what
+each worker wrote to a shared directory; the parent serves the sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+
+from milter.server import Decision
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.messages = Counter(
+            "school_milter_messages", "Messages decided, by verdict action", ["action"], registry=registry
+        )
+        self.findings = Counter(
+            "school_milter_findings",
+            "Findings, by detector and category",
+            ["detector", "category"],
+            registry=registry,
+        )
+        self.scan_seconds = Histogram(
+            "school_milter_scan_seconds",
+            "Time from end of message to verdict",
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "school_milter_errors",
+            "Messages that could not be scanned, by error",
+            ["kind"],
+            registry=registry,
+        )
+        self.dependency_up = Gauge(
+            "school_milter_dependency_up",
+            "1 when a dependency is usable (rules: the last reload succeeded)",
+            ["dependency"],
+            multiprocess_mode="min",
+            registry=registry,
+        )
+
+    def observe(self, decision: Decision) -> None:
+        self.messages.labels(decision.action).inc()
+        self.scan_seconds.observe(decision.scan_seconds)
+        if decision.error:
+            self.errors.labels(decision.error).inc()
+        if decision.result:
+            for finding in decision.result.verdict.findings:
+                self.findings.labels(finding.detector, finding.category).inc()
+
+
+def serve_metrics(host: str, port: int, multiprocess_mode: bool) -> None:
+    """Serve /metrics from a background thread (the parent's, with several workers)."""
+    if multiprocess_mode:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(port, addr=host, registry=registry)
+    else:
+        start_http_server(port, addr=host)
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a dead worker's live gauges so they do not count forever."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
