@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean system-packages
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -18,7 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
-run: $(VENV)/.installed
+# Debian packages (Postfix for the integration tests and the local stack, swaks, systemd).
+system-packages:
+	@bash deploy/install-system-packages.sh
+
+run: $(VENV)/.installed system-packages
 	@$(BIN)/school-milter check-rules rules
 	@echo
 	@$(BIN)/school-milter scan rules/examples
@@ -34,7 +38,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy milter
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed system-packages
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit

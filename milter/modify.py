@@ -46,7 +46,12 @@ def modifications(verdict: Verdict, message: Message) -> list[Modification]:
     """What to change in the delivered message, for verdicts that deliver it (accept, tag, fix)."""
     if verdict.action not in (Action.ACCEPT, Action.TAG, Action.FIX, Action.QUARANTINE):
         return []
-    changes: list[Modification] = [AddHeader(name, value) for name, value in verdict.headers]
+    changes: list[Modification] = []
+    # A sender may forge our result headers; only the gateway's own may reach the reader.
+    for name in dict.fromkeys(name for name, _ in verdict.headers):
+        for index in range(len(message.headers(name)), 0, -1):
+            changes.append(ChangeHeader(name, index, None))
+    changes.extend(AddHeader(name, value) for name, value in verdict.headers)
     if verdict.action in (Action.TAG, Action.FIX) and verdict.subject_prefix:
         subject = message.subject
         if not subject.startswith(verdict.subject_prefix.strip()):

@@ -1,0 +1,65 @@
+"""What a verdict changes in delivered mail: result headers, subject prefix, the Bcc fix."""
+
+from __future__ import annotations
+
+import email
+import shutil
+from pathlib import Path
+
+from milter.engine import scan
+from milter.envelope import Envelope
+from milter.modify import UNDISCLOSED, AddHeader, ChangeHeader, apply_to_bytes, modifications
+from milter.policy.loader import Rules, load_rules
+from milter.policy.schema import Action
+from tests.conftest import REPO
+from tests.mail import build
+
+PARENTS = ["jane.taylor@gmail.example", "david.taylor@outlook.example", "anita.shah@yahoo.example"]
+
+
+def delivered(raw: bytes, rules: Rules) -> tuple[Action, email.message.Message]:
+    result = scan(raw, Envelope(), rules)
+    changed = apply_to_bytes(raw, modifications(result.verdict, result.message))
+    return result.verdict.action, email.message_from_bytes(changed)
+
+
+def test_forged_result_header_is_replaced(rules: Rules) -> None:
+    raw = build(headers={"X-School-Policy": "accept; ref=RB-FAKE-FAKE"}, body="hello")
+    action, message = delivered(raw, rules)
+    values = message.get_all("X-School-Policy")
+    assert action is Action.ACCEPT and values is not None and len(values) == 1
+    assert "RB-FAKE" not in values[0] and values[0].startswith("accept; ref=RB-")
+
+
+def test_tag_prefixes_subject_once(rules: Rules) -> None:
+    _, message = delivered(build(subject="WHO TOOK THE SCIENCE PROJECTOR AGAIN"), rules)
+    assert message["Subject"] == "[Shouting] WHO TOOK THE SCIENCE PROJECTOR AGAIN"
+    _, again = delivered(message.as_bytes(), rules)
+    assert again["Subject"] == "[Shouting] WHO TOOK THE SCIENCE PROJECTOR AGAIN"
+
+
+def test_fix_hides_parents_but_keeps_body(tmp_path: Path) -> None:
+    root = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", root)
+    policy = root / "policy.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "  - detector: missing_bcc\n    action: reject", "  - detector: missing_bcc\n    action: fix"
+        )
+    )
+    rules = load_rules(root)
+    raw = build("office@redborne.example", PARENTS[:2], "Trip", "Consent forms by Friday.", cc=PARENTS[2:])
+    action, message = delivered(raw, rules)
+    assert action is Action.FIX
+    assert message["To"] == UNDISCLOSED and message["Cc"] is None
+    text = message.as_string()
+    assert not any(p in text for p in PARENTS)
+    assert message.get_payload().strip() == "Consent forms by Friday."  # type: ignore[union-attr]
+
+
+def test_apply_to_bytes_folded_headers_and_crlf() -> None:
+    raw = b"Subject: a\r\n b\r\nTo: x@y.example,\r\n\tz@y.example\r\nX-A: 1\r\n\r\nbody\r\n"
+    out = apply_to_bytes(
+        raw, [AddHeader("X-New", "v"), ChangeHeader("To", 1, None), ChangeHeader("Subject", 1, "c")]
+    )
+    assert out == b"X-New: v\r\nSubject: c\r\nX-A: 1\r\n\r\nbody\r\n"

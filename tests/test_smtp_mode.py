@@ -1,0 +1,495 @@
+"""SMTP mode over real sockets: a client (smtplib) -> the gateway -> a real aiosmtpd next hop.
+
+The gateway and the next hop share one event loop on a background thread; the tests
+speak SMTP from the test thread, as a mail server in front of the gateway would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiosmtpd.smtp import SMTP, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+import milter.engine
+from milter.envelope import Envelope
+from milter.policy.loader import Rules
+from milter.policy.schema import Action, ActionRule
+from milter.smtp_mode import SmtpGateway, SmtpModeConfig, _auth_user, format_reply
+from milter.verdict import Verdict
+from tests.mail import build
+
+T = TypeVar("T")
+
+STAFF = "j.hughes@redborne.example"
+STAFF2 = "a.patel@redborne.example"
+OUTSIDER = "someone@elsewhere.example"
+# The parents of tests/test_policy_table.py, listed in rules/directory.csv.
+PARENTS = [
+    "jane.taylor@gmail.example",
+    "david.taylor@outlook.example",
+    "anita.shah@yahoo.example",
+    "raj.shah@btinternet.example",
+    "claire.brown@hotmail.example",
+]
+REFERENCE = re.compile(r"RB-[0-9A-Z]{4}-[0-9A-Z]{4}")
+
+
+def crlf(raw: bytes) -> bytes:
+    """Mail on the wire has CRLF line ends; smtplib sends bytes as they are."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def body_of(raw: bytes) -> bytes:
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+class NextHop:
+    """A real SMTP server standing in for the MTA's reinjection port; it keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.data_reply: str | None = None
+        self.refuse_rcpt: dict[str, str] = {}
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        assert envelope.mail_from is not None and envelope.original_content is not None
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 Ok: queued as NEXT1"
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Running:
+    """A gateway and its next hop, serving on a loop thread, bound to free loopback ports."""
+
+    def __init__(
+        self, rules: Rules | Callable[[], Rules], spool: Path, next_hop_down: bool = False, **config: Any
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.next_hop = NextHop()
+        self.next_hop_server: asyncio.Server | None = None
+        if next_hop_down:
+            hop_port = free_port()
+        else:
+            self.next_hop_server = self.run(self._serve_next_hop())
+            hop_port = int(self.next_hop_server.sockets[0].getsockname()[1])
+        self.spool = spool
+        self.config = SmtpModeConfig(
+            listen_port=0, next_hop_port=hop_port, spool_dir=spool, hostname="gateway.test", **config
+        )
+        self.decisions: list[tuple[Verdict, Envelope, float]] = []
+        provider = rules if callable(rules) else (lambda: rules)
+        self.gateway = SmtpGateway(self.config, provider, on_decision=lambda *d: self.decisions.append(d))
+        self.run(self.gateway.start())
+
+    async def _serve_next_hop(self) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: SMTP(self.next_hop, hostname="nexthop.test", loop=loop), "127.0.0.1", 0
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def client(self) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.gateway.port, local_hostname="client.test", timeout=10)
+        client.ehlo()
+        return client
+
+    def send(
+        self, raw: bytes, mail_from: str, rcpt_to: list[str], xforward: str | None = None
+    ) -> tuple[int, str]:
+        """One transaction; the DATA reply as (code, text), multi-line replies joined by newlines."""
+        with self.client() as client:
+            return transaction(client, raw, mail_from, rcpt_to, xforward)
+
+    def files(self, folder: str) -> list[Path]:
+        return sorted((self.spool / folder).iterdir())
+
+    def close(self) -> None:
+        self.run(self.gateway.stop())
+        if self.next_hop_server is not None:
+            self.next_hop_server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def transaction(
+    client: smtplib.SMTP, raw: bytes, mail_from: str, rcpt_to: list[str], xforward: str | None = None
+) -> tuple[int, str]:
+    if xforward:
+        code, text = client.docmd("XFORWARD", xforward)
+        assert code == 250, text
+    code, text = client.mail(mail_from)
+    assert code == 250, text
+    for rcpt in rcpt_to:
+        code, text = client.rcpt(rcpt)
+        assert code == 250, text
+    code, reply = client.data(crlf(raw))
+    return code, reply.decode()
+
+
+@pytest.fixture
+def start(rules: Rules, tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def _start(**kwargs: Any) -> Running:
+        running = Running(kwargs.pop("rules", rules), tmp_path / "spool", **kwargs)
+        started.append(running)
+        return running
+
+    yield _start
+    for running in started:
+        running.close()
+
+
+@pytest.fixture
+def gateway(start: Callable[..., Running]) -> Running:
+    return start()
+
+
+# --- what each verdict does ----------------------------------------------------------------
+
+
+def test_clean_mail_is_relayed_with_the_policy_header_and_the_body_unchanged(gateway: Running) -> None:
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello,\n\n.Dots at line starts survive.\nSee you tomorrow.\n"))
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250, reply
+    assert "queued as NEXT1" in reply
+    reference = REFERENCE.search(reply)
+    assert reference
+    [(mail_from, rcpts, relayed)] = gateway.next_hop.received
+    assert (mail_from, rcpts) == (STAFF, [STAFF2])
+    assert f"X-School-Policy: accept; ref={reference.group()}; direction=internal".encode() in relayed
+    assert body_of(relayed) == body_of(raw)
+    assert gateway.files("incoming") == [] and gateway.files("tmp") == []
+    [(verdict, envelope, seconds)] = gateway.decisions
+    assert verdict.action is Action.ACCEPT and verdict.reference == reference.group()
+    assert envelope.client_address == "127.0.0.1" and envelope.helo == "client.test"
+    assert envelope.mail_from == STAFF and envelope.rcpt_to == (STAFF2,)
+    assert 0 < seconds < 5
+
+
+def test_a_bounce_keeps_its_null_sender(gateway: Running) -> None:
+    raw = build(
+        "MAILER-DAEMON@redborne.example", STAFF2, "Undelivered Mail", "The message could not be sent."
+    )
+
+    code, reply = gateway.send(raw, "", [STAFF2])
+
+    assert code == 250, reply
+    [(mail_from, rcpts, _)] = gateway.next_hop.received
+    assert (mail_from, rcpts) == ("<>", [STAFF2])  # aiosmtpd's spelling of the null sender
+    assert gateway.decisions[0][1].mail_from == ""
+
+
+def test_obscene_mail_from_staff_is_refused_with_the_clause_and_nothing_relayed(gateway: Running) -> None:
+    raw = build(STAFF, OUTSIDER, "Re: late delivery", "Your van was late again and you are all sh1t.")
+
+    code, reply = gateway.send(raw, STAFF, [OUTSIDER])
+
+    assert code == 550
+    assert reply.startswith("5.7.1 Message refused under clause 5.5")
+    # Multi-line: the reference on its own line, every line with the enhanced code.
+    lines = reply.splitlines()
+    assert len(lines) == 2 and all(line.startswith("5.7.1 ") for line in lines)
+    assert REFERENCE.fullmatch(lines[1].removeprefix("5.7.1 Reference ").rstrip("."))
+    assert gateway.next_hop.received == []
+    assert gateway.files("incoming") == [] and gateway.files("quarantine") == []
+    assert gateway.decisions[0][0].action is Action.REJECT
+
+
+def test_shouting_is_relayed_with_a_subject_prefix(gateway: Running) -> None:
+    raw = build(
+        STAFF,
+        STAFF2,
+        "WHO TOOK THE HISTORY PROJECTOR AGAIN",
+        "I NEED IT BACK IN ROOM 14 BEFORE PERIOD THREE OR THE YEAR NINE LESSON ON THE TUDORS "
+        "CANNOT GO AHEAD.\n",
+    )
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250, reply
+    [(_, _, relayed)] = gateway.next_hop.received
+    assert b"\r\nSubject: [Shouting] WHO TOOK THE HISTORY PROJECTOR AGAIN\r\n" in relayed
+    assert b"X-School-Policy: tag;" in relayed
+    assert body_of(relayed) == body_of(crlf(raw))
+
+
+def test_a_parent_mailing_with_every_parent_visible_is_refused(gateway: Running) -> None:
+    raw = build("office@redborne.example", PARENTS, "Trip", "Consent forms by Friday.")
+
+    code, reply = gateway.send(raw, "office@redborne.example", PARENTS)
+
+    assert code == 550
+    assert "Appendix 1" in reply and "Bcc" in reply and REFERENCE.search(reply)
+    assert gateway.next_hop.received == []
+
+
+def test_inbound_obscene_mail_is_held_in_quarantine(gateway: Running) -> None:
+    raw = build(OUTSIDER, STAFF, "hello", "You are a fucking idiot.")
+
+    # Postfix in front of the gateway tells it who the real client was.
+    code, reply = gateway.send(
+        raw, OUTSIDER, [STAFF], xforward="NAME=mail.elsewhere.example ADDR=203.0.113.9 HELO=elsewhere.example"
+    )
+
+    assert code == 250
+    assert reply.startswith("2.0.0 Held for review, reference RB-")
+    reference = REFERENCE.search(reply)
+    assert reference
+    held = gateway.spool / "quarantine" / f"{reference.group()}.eml"
+    assert held.read_bytes() == crlf(raw)
+    record = json.loads(held.with_suffix(".json").read_text())
+    assert record["verdict"]["action"] == "quarantine"
+    assert record["verdict"]["direction"] == "inbound"
+    assert record["envelope"]["client_address"] == "203.0.113.9"
+    assert record["envelope"]["client_name"] == "mail.elsewhere.example"
+    assert record["envelope"]["rcpt_to"] == [STAFF]
+    assert gateway.next_hop.received == []
+    assert gateway.files("incoming") == []
+
+
+def test_discard_answers_250_and_drops_the_message(start: Callable[..., Running], rules: Rules) -> None:
+    # No example rule discards; a table that discards every finding stands in for one.
+    policy = rules.policy.model_copy(update={"actions": [ActionRule(action=Action.DISCARD)]})
+    gateway = start(rules=dataclasses.replace(rules, policy=policy))
+    raw = build(
+        STAFF, STAFF2, "THIS IS IMPORTANT", "PLEASE READ THIS BEFORE THE STAFF MEETING ON MONDAY MORNING."
+    )
+
+    code, _ = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250
+    assert gateway.next_hop.received == [] and gateway.files("incoming") == []
+    assert gateway.decisions[0][0].action is Action.DISCARD
+
+
+# --- the wire: XFORWARD, limits, timeouts ---------------------------------------------------
+
+
+def test_xforward_lasts_one_transaction(gateway: Running) -> None:
+    with gateway.client() as client:
+        assert "xforward" in client.esmtp_features
+        transaction(client, build(STAFF, STAFF2), STAFF, [STAFF2], xforward="ADDR=203.0.113.9 IDENT=4F2A1")
+        transaction(client, build(STAFF, STAFF2), STAFF, [STAFF2])
+    first, second = (envelope for _, envelope, _ in gateway.decisions)
+    assert (first.client_address, first.queue_id) == ("203.0.113.9", "4F2A1")
+    assert (second.client_address, second.queue_id) == ("127.0.0.1", None)
+
+
+def test_xforward_from_an_unlisted_client_is_refused(start: Callable[..., Running]) -> None:
+    gateway = start(xforward_hosts=("10.9.9.9/32",))
+    with gateway.client() as client:
+        assert "xforward" not in client.esmtp_features
+        code, text = client.docmd("XFORWARD", "ADDR=203.0.113.9")
+    assert code == 550 and b"5.7.0" in text
+
+
+def test_an_oversized_message_is_refused_with_552(start: Callable[..., Running]) -> None:
+    gateway = start(max_message_bytes=2_000)
+    raw = crlf(build(STAFF, STAFF2, "Big", ("x" * 70 + "\n") * 60))
+
+    # A client that declares the size is refused at MAIL FROM ...
+    with pytest.raises(smtplib.SMTPSenderRefused) as declared, gateway.client() as client:
+        client.sendmail(STAFF, [STAFF2], raw)
+    assert declared.value.smtp_code == 552 and declared.value.smtp_error.startswith(b"5.3.4")
+    # ... one that does not, after DATA.
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+    assert code == 552 and reply.startswith("5.3.4 Message too big")
+    assert gateway.next_hop.received == [] and gateway.files("incoming") == []
+
+
+def test_a_client_that_says_nothing_is_dropped_after_the_timeout(start: Callable[..., Running]) -> None:
+    gateway = start(timeout_seconds=0.3)
+    with socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=5) as sock:
+        assert sock.recv(1024).startswith(b"220 gateway.test")
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the gateway
+        assert time.monotonic() - started < 3
+
+
+def test_connections_over_the_limit_are_told_to_come_back(start: Callable[..., Running]) -> None:
+    gateway = start(max_connections=1)
+    with socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=5) as first:
+        assert first.recv(1024).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=5) as second:
+            assert second.recv(1024).startswith(b"421 4.7.0")
+
+
+# --- nothing is lost --------------------------------------------------------------------------
+
+
+def test_next_hop_down_is_a_temporary_failure(start: Callable[..., Running]) -> None:
+    gateway = start(next_hop_down=True, relay_timeout_seconds=2)
+    raw = build(STAFF, STAFF2, "Rota", "Hello")
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 451 and reply.startswith("4.4.1 Next hop unavailable")
+    assert gateway.decisions[0][0].reference in reply
+    # The client was told to retry, so it keeps the message; the spool keeps no copy.
+    assert gateway.files("incoming") == [] and gateway.files("failed") == []
+
+
+@pytest.mark.parametrize(
+    ("data_reply", "refuse_rcpt", "expect"),
+    [
+        ("554 5.7.1 Rejected by the next hop", {}, (554, "5.7.1 Rejected by the next hop")),
+        ("452 4.3.1 Insufficient system storage", {}, (452, "4.3.1 Insufficient system storage")),
+        (None, {STAFF2: "550 5.1.1 User unknown"}, (550, "5.1.1 User unknown")),
+        # One good recipient, one refused: a 5xx would bounce the good one too.
+        (None, {"x@redborne.example": "550 5.1.1 User unknown"}, (451, "4.4.0 The next hop refused some")),
+    ],
+)
+def test_a_next_hop_refusal_is_passed_back(
+    gateway: Running, data_reply: str | None, refuse_rcpt: dict[str, str], expect: tuple[int, str]
+) -> None:
+    gateway.next_hop.data_reply = data_reply
+    gateway.next_hop.refuse_rcpt = refuse_rcpt
+    rcpts = [STAFF2, *refuse_rcpt] if STAFF2 not in refuse_rcpt else [STAFF2]
+
+    code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, rcpts)
+
+    assert (code, reply[: len(expect[1])]) == expect
+    assert REFERENCE.search(reply.splitlines()[-1])
+    assert gateway.next_hop.received == []
+
+
+def test_an_engine_crash_is_451_and_the_message_kept_in_failed(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("message text must not reach the log")
+
+    monkeypatch.setattr(milter.engine, "scan", crash)
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello"))
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 451 and reply.startswith("4.3.0 Temporary problem in the mail gateway")
+    reference = REFERENCE.search(reply)
+    assert reference
+    kept = gateway.spool / "failed" / f"{reference.group()}.eml"
+    assert kept.read_bytes() == raw
+    record = json.loads(kept.with_suffix(".json").read_text())
+    assert (record["stage"], record["error"]) == ("scan", "RuntimeError")
+    assert gateway.next_hop.received == [] and gateway.decisions == []
+
+
+def test_a_crashing_detector_makes_the_verdict_a_tempfail(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object) -> list[object]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(milter.engine, "active", lambda rules: [("obscene_language", crash)])
+
+    code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+
+    assert code == 451 and reply.startswith("4.3.0 Temporary problem while checking this message")
+    assert gateway.decisions[0][0].failed_checks == ("obscene_language",)
+    assert gateway.next_hop.received == []
+
+
+def test_rules_that_cannot_be_had_are_a_temporary_failure(start: Callable[..., Running]) -> None:
+    def no_rules() -> Rules:
+        raise OSError("rules directory gone")
+
+    gateway = start(rules=no_rules)
+
+    code, reply = gateway.send(build(STAFF, STAFF2), STAFF, [STAFF2])
+
+    assert code == 451 and REFERENCE.search(reply)
+
+
+def test_stop_lets_a_message_being_scanned_finish(gateway: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_scan = milter.engine.scan
+    scanning = threading.Event()
+
+    def slow_scan(*args: Any, **kwargs: Any) -> milter.engine.Scan:
+        scanning.set()
+        time.sleep(0.3)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(milter.engine, "scan", slow_scan)
+    result: list[tuple[int, str]] = []
+    closing: list[int] = []
+
+    def send() -> None:
+        client = gateway.client()
+        result.append(transaction(client, build(STAFF, STAFF2), STAFF, [STAFF2]))
+        closing.append(client.getreply()[0])
+        client.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert scanning.wait(5)
+
+    gateway.run(gateway.gateway.stop())
+    sender.join(5)
+
+    assert result and result[0][0] == 250
+    assert len(gateway.next_hop.received) == 1
+    # Once its message is done the connection is closed with 421, not left open.
+    assert closing == [421]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=1).close()
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def test_format_reply_makes_multi_line_ascii_replies() -> None:
+    reply = format_reply(550, "5.7.1", "Refused: “naïve” words\nsee\r\nbelow. Reference RB-AAAA-BBBB.")
+    assert reply.split("\r\n") == [
+        "550-5.7.1 Refused: naive words",
+        "550-5.7.1 see",
+        "550-5.7.1 below.",
+        "550 5.7.1 Reference RB-AAAA-BBBB.",
+    ]
+    long = format_reply(451, "4.3.0", "word " * 300)
+    assert all(len(line) <= 510 for line in long.split("\r\n"))
+    assert long.split("\r\n")[-1].startswith("451 4.3.0 ")
+
+
+def test_the_authenticated_user_comes_from_aiosmtpd_auth_data() -> None:
+    session = Session(asyncio.new_event_loop())
+    session.auth_data = LoginPassword(b"j.hughes@redborne.example", b"secret")  # type: ignore[assignment]
+    assert _auth_user(session) is None  # not authenticated: the login is not believed
+    session.authenticated = True
+    assert _auth_user(session) == "j.hughes@redborne.example"
+    session.loop.close()
