@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -137,6 +138,19 @@ class MilterSession:
             state.body.close()
         self.message = _MessageState()
 
+    def _quick_ack(self) -> None:
+        # With "no reply" steps the MTA sends packet after packet that we never answer;
+        # Postfix does not set TCP_NODELAY, so each of its writes waits for our ACK, which
+        # Linux delays by up to 40 ms. Asking for quick ACKs removes that wait.
+        sock = self.writer.get_extra_info("socket")
+        if (
+            sock is not None
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and hasattr(socket, "TCP_QUICKACK")
+        ):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
     async def run(self) -> None:
         try:
             while True:
@@ -147,6 +161,7 @@ class MilterSession:
                     return
                 if not data:
                     return
+                self._quick_ack()
                 for command in self.decoder.feed(data):
                     if not await self._handle(command):
                         return
@@ -331,9 +346,8 @@ class MilterSession:
         )
         if rules.policy.on_failure.default == "fail_open":
             if self.actions & p.ADD_HEADERS:
-                await self._send(
-                    p.insert_header(0, rules.policy.headers.verdict, f"unscanned; ref={reference}")
-                )
+                value = self._value(f"unscanned; ref={reference}")
+                await self._send(p.insert_header(0, rules.policy.headers.verdict, value))
             await self._send(p.continue_())
             action = "accept"
         else:
@@ -352,14 +366,22 @@ class MilterSession:
             )
         )
 
+    def _value(self, value: str) -> str:
+        """A header value as the MTA expects it: with leading-space negotiated, it is taken verbatim."""
+        return " " + value if self.protocol & p.HEADER_LEADING_SPACE and value else value
+
     async def _apply(self, result: Scan) -> None:
         verdict = result.verdict
+        replies: list[bytes] = []
         for change in modifications(verdict, result.message):
             if isinstance(change, AddHeader) and self.actions & p.ADD_HEADERS:
                 # On top, where an MTA puts its own trace headers.
-                await self._send(p.insert_header(0, change.name, change.value))
+                replies.append(p.insert_header(0, change.name, self._value(change.value)))
             elif isinstance(change, ChangeHeader) and self.actions & p.CHANGE_HEADERS:
-                await self._send(p.change_header(change.name, change.index, change.value or ""))
+                replies.append(p.change_header(change.name, change.index, self._value(change.value or "")))
+        if replies:
+            # One write for all modifications: fewer small packets for the MTA to wait on.
+            self.writer.write(b"".join(replies))
         action = verdict.action
         if (action is Action.REJECT and verdict.reply) or (action is Action.TEMPFAIL and verdict.reply):
             await self._send(
@@ -485,7 +507,9 @@ def bind(spec: str, backlog: int = 256) -> socket.socket:
     else:
         assert isinstance(where, tuple)
         family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+        # the socket says it is TCP, and without it every reply waited ~40 ms for an ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(where)
     sock.listen(backlog)
