@@ -26,10 +26,12 @@ run: $(VENV)/.installed system-packages
 	@$(BIN)/school-milter check-rules rules
 	@echo
 	@$(BIN)/school-milter scan rules/examples
-	@echo "Next:"
-	@echo "  $(BIN)/school-milter scan path/to/message.eml --mail-from a.patel@redborne.example --rcpt x@example.org"
-	@echo "  $(BIN)/school-milter scan --json rules/examples      # one JSON object per message"
-	@echo "  $(BIN)/school-milter check-rules rules                 # after editing rules/"
+	@deploy/local-stack.sh start --with-daemon "$(CURDIR)/$(BIN)/school-milter --rules $(CURDIR)/rules serve --milter inet:127.0.0.1:8894 --metrics 127.0.0.1:9464"
+	@echo
+	@echo "Also:"
+	@echo "  $(BIN)/school-milter scan message.eml --mail-from a.patel@redborne.example --rcpt x@example.org"
+	@echo "  curl -s 127.0.0.1:9464/metrics | grep school_milter      # the gateway's metrics"
+	@echo "  deploy/local-stack.sh stop                                # stop Postfix, sink and gateway"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check milter tests bench tools
