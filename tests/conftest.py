@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def rules_without_virus_scan(root: Path) -> Path:
+    """Turn virus scanning off in a copy of rules/ on disk.
+
+    Tests about other checks must not depend on a clamd; virus scanning has its own
+    tests against a real clamd (tests/test_virus_scan.py and the Postfix tests).
+    """
+    policy = root / "policy.yaml"
+    text = policy.read_text()
+    assert "\n  virus_scan:\n" in text
+    policy.write_text(text.replace("\n  virus_scan:\n", "\n  virus_scan:\n    enabled: false\n", 1))
+    return root
+
+
+def copy_rules(target: Path, virus_scan: bool = False) -> Path:
+    shutil.copytree(REPO / "rules", target)
+    return target if virus_scan else rules_without_virus_scan(target)
+
+
 @pytest.fixture(scope="session")
-def rules() -> Rules:
-    return load_rules(REPO / "rules")
+def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_rules(tmp_path_factory.mktemp("rules") / "rules")
+
+
+@pytest.fixture(scope="session")
+def rules(rules_dir: Path) -> Rules:
+    return load_rules(rules_dir)

@@ -15,10 +15,18 @@ from tests.conftest import REPO
 from tests.mail import build
 
 EXAMPLES = REPO / "rules" / "examples"
+RULES = REPO / "rules"
+
+
+@pytest.fixture(autouse=True)
+def _rules_without_virus_scan(rules_dir: Path) -> None:
+    # The example rules with virus scanning off: these tests are about the command.
+    global RULES
+    RULES = rules_dir
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, object]]:
-    assert main(["--rules", str(REPO / "rules"), "scan", "--json", *args]) == 0
+    assert main(["--rules", str(RULES), "scan", "--json", *args]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -82,7 +90,7 @@ def test_scan_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
 
 
 def test_scan_text_output_shows_verdict_and_guidance(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--rules", str(REPO / "rules"), "scan", str(EXAMPLES / "03-parents-without-bcc.eml")]) == 0
+    assert main(["--rules", str(RULES), "scan", str(EXAMPLES / "03-parents-without-bcc.eml")]) == 0
     out = capsys.readouterr().out
     assert "verdict:   REJECT" in out
     assert "550 5.7.1" in out and "Appendix 1" in out
@@ -91,13 +99,13 @@ def test_scan_text_output_shows_verdict_and_guidance(capsys: pytest.CaptureFixtu
 
 
 def test_scan_missing_file_is_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["--rules", str(REPO / "rules"), "scan", str(tmp_path / "nope.eml")]) == 1
+    assert main(["--rules", str(RULES), "scan", str(tmp_path / "nope.eml")]) == 1
     assert "cannot read" in capsys.readouterr().err
 
 
 def test_console_script_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "milter", "--rules", str(REPO / "rules"), "check-rules"],
+        [sys.executable, "-m", "milter", "--rules", str(RULES), "check-rules"],
         capture_output=True,
         text=True,
         check=False,

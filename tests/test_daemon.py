@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_rules
 from tests.mail import build
 from tests.test_milter_protocol import converse, negotiate
 
@@ -86,7 +85,7 @@ class Daemon:
 
 @pytest.fixture
 def rules_copy(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    copy_rules(tmp_path / "rules")
     return tmp_path / "rules"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from milter.findings import Finding, Severity
 from milter.guidance import render_guidance
 from milter.policy.loader import Rules, load_rules
 from milter.policy.schema import Action, Direction, Role
-from tests.conftest import REPO
+from tests.conftest import copy_rules
 from tests.mail import build
 
 OUTBOUND = Context(
@@ -109,7 +108,7 @@ def test_guidance_renders_for_every_guidance_template(rules: Rules) -> None:
 
 def test_missing_bcc_without_directory_counts_external(tmp_path: Path) -> None:
     root = tmp_path / "rules"
-    shutil.copytree(REPO / "rules", root)
+    copy_rules(root)
     policy = root / "policy.yaml"
     policy.write_text(policy.read_text().replace("  directory: directory.csv\n", ""))
     rules = load_rules(root)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email
-import shutil
 from pathlib import Path
 
 from milter.engine import scan
@@ -11,7 +10,7 @@ from milter.envelope import Envelope
 from milter.modify import UNDISCLOSED, AddHeader, ChangeHeader, apply_to_bytes, modifications
 from milter.policy.loader import Rules, load_rules
 from milter.policy.schema import Action
-from tests.conftest import REPO
+from tests.conftest import copy_rules
 from tests.mail import build
 
 PARENTS = ["jane.taylor@gmail.example", "david.taylor@outlook.example", "anita.shah@yahoo.example"]
@@ -40,7 +39,7 @@ def test_tag_prefixes_subject_once(rules: Rules) -> None:
 
 def test_fix_hides_parents_but_keeps_body(tmp_path: Path) -> None:
     root = tmp_path / "rules"
-    shutil.copytree(REPO / "rules", root)
+    copy_rules(root)
     policy = root / "policy.yaml"
     policy.write_text(
         policy.read_text().replace(

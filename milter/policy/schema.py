@@ -150,6 +150,82 @@ class MalformedMime(Strict):
     clause: str = "2.2"
 
 
+# Kinds of attachment problem dangerous_attachment reports; rules block them per direction.
+ATTACHMENT_KINDS = (
+    "executable",
+    "script",
+    "disk_image",
+    "office_macro",
+    "html_script",
+    "type_mismatch",
+    "double_extension",
+    "name_trick",
+    "encrypted",
+    "archive_bomb",
+    "archive_unreadable",
+)
+
+
+class AttachmentException(Strict):
+    """Kinds allowed from some senders, e.g. encrypted zips from the local authority."""
+
+    sender_domains: list[str] = Field(min_length=1)
+    kinds: list[str] = Field(min_length=1)
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in ATTACHMENT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown attachment kind(s) {unknown} (known: {', '.join(ATTACHMENT_KINDS)})")
+        return v
+
+
+class DangerousAttachment(Strict):
+    enabled: bool = True
+    clause: str = "1.2"
+    # Kinds reported for each direction; a kind not listed for a direction is not a finding.
+    blocked: dict[Direction, list[str]] = {
+        Direction.INBOUND: list(ATTACHMENT_KINDS),
+        Direction.OUTBOUND: list(ATTACHMENT_KINDS),
+        Direction.INTERNAL: list(ATTACHMENT_KINDS),
+    }
+    exceptions: list[AttachmentException] = []
+    # Every attachment from outside the school is worth a tag (appendix: "do not open
+    # attachments from unknown sources").
+    tag_external: bool = True
+    max_depth: int = Field(default=3, ge=0, le=10)
+    max_members: int = Field(default=1000, ge=1)
+    max_total: ByteSize = ByteSize(200_000_000)
+    max_ratio: float = Field(default=100.0, gt=1)
+
+    @field_validator("blocked")
+    @classmethod
+    def _known_blocked(cls, v: dict[Direction, list[str]]) -> dict[Direction, list[str]]:
+        for kinds in v.values():
+            AttachmentException._known_kinds(kinds)
+        return v
+
+
+class VirusScan(Strict):
+    enabled: bool = True
+    clause: str = "1.2"
+    # clamd's socket: unix:/run/clamav/clamd.ctl (Debian) or inet:127.0.0.1:3310.
+    clamd: str = "unix:/run/clamav/clamd.ctl"
+    timeout: float = Field(default=30.0, gt=0)
+    # Largest message sent to clamd; must not exceed clamd's StreamMaxLength.
+    max_stream: ByteSize = ByteSize(100_000_000)
+    # clamd.conf to compare limits with at start and in check-rules; empty to skip.
+    clamd_conf: str = "/etc/clamav/clamd.conf"
+    # clamd down or slow: "tempfail" keeps the mail for a retry; "tag" delivers it marked
+    # unscanned. Mail with attachments and mail without can be treated differently.
+    # "attachments": only messages with attachments go to clamd (a text-only message
+    # carries nothing to open); "all": every message.
+    scan: Literal["attachments", "all"] = "attachments"
+    unavailable_with_attachments: Literal["tempfail", "tag"] = "tempfail"
+    unavailable_without_attachments: Literal["tempfail", "tag"] = "tag"
+
+
 class Detectors(Strict):
     obscene_language: ObsceneLanguage = ObsceneLanguage()
     safeguarding_concern: SafeguardingConcern = SafeguardingConcern()
@@ -160,6 +236,8 @@ class Detectors(Strict):
     advertising: Advertising = Advertising()
     hidden_text: HiddenText = HiddenText()
     malformed_mime: MalformedMime = MalformedMime()
+    dangerous_attachment: DangerousAttachment = DangerousAttachment()
+    virus_scan: VirusScan = VirusScan()
 
 
 class ActionRule(Strict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email
 import email.message
-import shutil
 import signal
 import smtplib
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import copy_rules
 from tests.integration.conftest import PostfixFactory
 from tests.mail import build
 from tests.postfix_harness import MilterSettings, PostfixInstance, ReceivedMessage, SmtpRefused, SmtpSink
@@ -38,7 +37,7 @@ XCLIENT = {
 
 @pytest.fixture
 def rules_copy(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    copy_rules(tmp_path / "rules")
     return tmp_path / "rules"
 
 
