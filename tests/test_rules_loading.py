@@ -150,3 +150,20 @@ def test_check_rules_command_exit_codes(rules_copy: Path, capsys: pytest.Capture
 def test_missing_policy_file(tmp_path: Path) -> None:
     (found,) = problems(tmp_path)
     assert "policy.yaml" in found and "missing" in found
+
+
+def test_clamd_limits_below_gateway_limit_warn(rules_copy: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "clamd.conf"
+    conf.write_text("StreamMaxLength 10M\nMaxFileSize 200M\nMaxScanSize 400M\n")
+    edit(rules_copy / "policy.yaml", "clamd_conf: /etc/clamav/clamd.conf", f"clamd_conf: {conf}")
+    warnings = load_rules(rules_copy).warnings
+    assert any("StreamMaxLength is 10485760 bytes" in w for w in warnings)
+    assert not any("MaxFileSize" in w for w in warnings)
+    # The shipped clamd.conf agrees with the example rules.
+    edit(rules_copy / "policy.yaml", f"clamd_conf: {conf}", f"clamd_conf: {REPO / 'deploy/clamd/clamd.conf'}")
+    assert not any("clamd's" in w for w in load_rules(rules_copy).warnings)
+
+
+def test_missing_clamd_conf_is_a_warning_not_an_error(rules_copy: Path) -> None:
+    edit(rules_copy / "policy.yaml", "clamd_conf: /etc/clamav/clamd.conf", "clamd_conf: /nonexistent/c.conf")
+    assert any("not found" in w for w in load_rules(rules_copy).warnings)

@@ -16,6 +16,7 @@ from milter.detectors import (
     offensive_links,
     safeguarding_concern,
     shouting,
+    virus_scan,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ DETECTORS: tuple[ModuleType, ...] = (
     shouting,
     advertising,
     hidden_text,
+    virus_scan,
 )
 
 

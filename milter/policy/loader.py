@@ -7,6 +7,8 @@ shared; building it (lexicon automata, domain sets) is the expensive part.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import jinja2
 from pydantic import ValidationError
 
+from milter.clamd import ClamdConfigError, limit_warnings, read_clamd_limits
 from milter.detectors.advertising import AdvertisingPhrases
 from milter.detectors.safeguarding_concern import SafeguardingLexicon
 from milter.domainlists import DomainLists
@@ -147,6 +150,49 @@ def _check_references(root: Path, policy: PolicyFile, clauses: dict[str, Clause]
     return problems
 
 
+def postfix_message_size_limit() -> int | None:
+    """The local Postfix's message_size_limit, when Postfix is installed here."""
+    # /usr/sbin is not on every PATH (cron, some service managers).
+    postconf = shutil.which("postconf") or shutil.which("postconf", path="/usr/sbin")
+    if not postconf:
+        return None
+    try:
+        command = [postconf, "-h", "message_size_limit"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = out.stdout.strip()
+    return int(value) if out.returncode == 0 and value.isdigit() else None
+
+
+def scanner_limit_warnings(policy: PolicyFile) -> list[str]:
+    """Where clamd, Postfix and the gateway disagree on sizes, so large mail would go unscanned."""
+    settings = policy.detectors.virus_scan
+    if not settings.enabled:
+        return []
+    warnings: list[str] = []
+    limit = int(settings.max_stream)
+    postfix = postfix_message_size_limit()
+    if postfix is not None and (postfix == 0 or postfix > limit):
+        shown = "no limit" if postfix == 0 else f"{postfix} bytes"
+        warnings.append(
+            f"Postfix's message_size_limit is {shown} but virus_scan.max_stream is {limit}: "
+            "larger messages are not virus-scanned"
+        )
+    if settings.clamd_conf:
+        conf = Path(settings.clamd_conf)
+        if not conf.is_file():
+            warnings.append(f"virus_scan.clamd_conf {conf} not found: clamd's size limits were not checked")
+        else:
+            try:
+                limits = read_clamd_limits(conf)
+            except (ClamdConfigError, OSError) as exc:
+                warnings.append(f"cannot read clamd's limits: {exc}")
+            else:
+                warnings.extend(limit_warnings(limits, max(limit, postfix or 0)))
+    return warnings
+
+
 def load_rules(root: Path) -> Rules:
     """Load rules/; raise RulesError listing every problem found."""
     root = root.resolve()
@@ -183,6 +229,7 @@ def load_rules(root: Path) -> Rules:
     problems.extend(_check_references(root, policy, clauses))
     if problems:
         raise RulesError(problems)
+    warnings.extend(scanner_limit_warnings(policy))
     return Rules(
         root=root,
         policy=policy,
