@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import email
 import email.message
+import io
 import signal
 import smtplib
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.clamd_harness import ClamdInstance, clamd  # noqa: F401
 from tests.conftest import copy_rules
 from tests.integration.conftest import PostfixFactory
 from tests.mail import build
 from tests.postfix_harness import MilterSettings, PostfixInstance, ReceivedMessage, SmtpRefused, SmtpSink
+from tests.test_clamd import EICAR, SIGNATURE
 from tests.test_daemon import Daemon
 
 pytestmark = pytest.mark.postfix
@@ -196,3 +200,42 @@ def test_broken_reload_keeps_old_rules(
         == 250
     )
     assert len(sink.wait_for(1, timeout=15)) == 1
+
+
+def test_virus_refused_through_postfix_naming_signature(
+    tmp_path: Path,
+    postfix_factory: PostfixFactory,
+    sink: SmtpSink,
+    clamd: ClamdInstance,  # noqa: F811
+) -> None:
+    root = copy_rules(tmp_path / "rules-av", virus_scan=True)
+    policy = root / "policy.yaml"
+    policy.write_text(
+        policy.read_text().replace("clamd: unix:/run/clamav/clamd.ctl", f"clamd: {clamd.unix_address}")
+    )
+    (tmp_path / "av").mkdir()
+    daemon = Daemon(root, tmp_path / "av")
+    try:
+        mta = postfix_factory(milter=f"inet:127.0.0.1:{daemon.port}", extra_main_cf=XCLIENT)
+        carrier = io.BytesIO()
+        with zipfile.ZipFile(carrier, "w") as archive:
+            archive.writestr("inner.zip", zipped_eicar())
+        raw = build(
+            "x@outside.example",
+            "a.patel@redborne.example",
+            "invoice",
+            "see attached",
+            attachments=[("invoice.zip", carrier.getvalue(), "application/zip")],
+        )
+        code, text = send_from_outside(mta, raw, "x@outside.example", ["a.patel@redborne.example"])
+        assert code == 550 and SIGNATURE.encode() in text, text
+        assert sink.messages == []
+    finally:
+        daemon.stop()
+
+
+def zipped_eicar() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("eicar.com", EICAR)
+    return out.getvalue()
