@@ -4,7 +4,7 @@
 # or started; the tests and `make run` run private instances on loopback ports.
 set -euo pipefail
 
-packages=(postfix swaks systemd curl clamav-daemon)
+packages=(postfix swaks systemd curl clamav-daemon libmagic1 libarchive13)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from milter.detectors import (
     advertising,
     bulk_weight,
+    dangerous_attachment,
     hidden_text,
     malformed_mime,
     missing_bcc,
@@ -37,6 +38,7 @@ DETECTORS: tuple[ModuleType, ...] = (
     shouting,
     advertising,
     hidden_text,
+    dangerous_attachment,
     virus_scan,
 )
 
