@@ -13,10 +13,14 @@ under 1 MB slower than 50 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+import tracemalloc
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -25,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from milter.engine import scan  # noqa: E402
 from milter.envelope import Envelope  # noqa: E402
-from milter.policy.loader import load_rules  # noqa: E402
+from milter.policy.loader import Rules, load_rules  # noqa: E402
+from tests import samples  # noqa: E402
+from tests.clamd_harness import ClamdInstance, clamd_available  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"
 WORDS = (  # noqa: SIM905 - prose reads better than a word list
@@ -34,6 +40,12 @@ WORDS = (  # noqa: SIM905 - prose reads better than a word list
     "fixtures against bedford results were excellent congratulations to year nine parents evening "
     "appointments can be booked online library books are due back before the holidays"
 ).split()
+
+
+def big_pdf(seed: int) -> bytes:
+    """A ~1 MB PDF: a real header and trailer around incompressible page data."""
+    rng = random.Random(seed)
+    return samples.pdf()[:-6] + rng.randbytes(1_000_000) + b"\n%%EOF\n"
 
 
 def school_newsletter(seed: int) -> bytes:
@@ -67,6 +79,28 @@ def school_newsletter(seed: int) -> bytes:
     return msg.as_bytes()
 
 
+def with_attachment(name: str, data: bytes, ctype: str, seed: int) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "j.hughes@redborne.example"
+    msg["To"] = "a.patel@redborne.example"
+    msg["Subject"] = f"Documents {seed}"
+    msg.set_content("Please find the documents attached.")
+    maintype, subtype = ctype.split("/")
+    msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def peak_memory(messages: list[bytes], envelope: Envelope, rules: Rules) -> float:
+    """Peak Python memory, in MB, while scanning one message at a time."""
+    peaks = []
+    for raw in messages:
+        tracemalloc.start()
+        scan(raw, envelope, rules)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    return max(peaks) / 1e6
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -89,16 +123,39 @@ def main() -> int:
     parser.add_argument("--rules", default=str(ROOT / "rules"))
     args = parser.parse_args()
 
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-bench-")))
+        rules_dir = work / "rules"
+        shutil.copytree(args.rules, rules_dir)
+        policy = rules_dir / "policy.yaml"
+        if clamd_available():
+            clamd = stack.enter_context(ClamdInstance(work / "clamd"))
+            address = f"clamd: {clamd.unix_address}"
+            text = policy.read_text().replace("clamd: unix:/run/clamav/clamd.ctl", address)
+            scanner = "a private clamd with the test signature database"
+        else:
+            text = policy.read_text().replace("\n  virus_scan:\n", "\n  virus_scan:\n    enabled: false\n", 1)
+            scanner = "OFF (clamd is not installed)"
+        policy.write_text(text)
+        return run(args, rules_dir, scanner)
+
+
+def run(args: argparse.Namespace, rules_dir: Path, scanner: str) -> int:
     start = time.perf_counter()
-    rules = load_rules(Path(args.rules))
+    rules = load_rules(rules_dir)
     load_seconds = time.perf_counter() - start
 
     school = [school_newsletter(i) for i in range(args.count)]
     envelope = Envelope(mail_from="office@redborne.example", rcpt_to=("a@gmail.example",) * 30)
     timed(school[:50], envelope, rules)  # warm caches (regexes, lazy imports)
+    cpu_start = time.process_time()
     school_times = timed(school, envelope, rules)
+    cpu = time.process_time() - cpu_start
     total = sum(school_times)
-    rate = len(school) / total
+    # "On one core": the CPU this process spent. The wall-clock rate also includes
+    # waiting for clamd, a separate process whose wait the daemon overlaps with other work.
+    rate = len(school) / cpu
+    wall_rate = len(school) / total
 
     corpus = [
         p.read_bytes()
@@ -109,11 +166,21 @@ def main() -> int:
     small = [t for raw, t in zip(corpus, corpus_times, strict=True) if len(raw) < 1_000_000]
     slowest_small = max(small, default=0.0)
 
+    pdf_mail = [with_attachment("minutes.pdf", big_pdf(i), "application/pdf", i) for i in range(20)]
+    zip_data = samples.ordinary_files_zip(5_000_000)
+    zip_mail = [with_attachment("photos.zip", zip_data, "application/zip", i) for i in range(10)]
+    staff = Envelope(mail_from="j.hughes@redborne.example", rcpt_to=("a.patel@redborne.example",))
+    timed(pdf_mail[:2], staff, rules)
+    pdf_times = timed(pdf_mail, staff, rules)
+    zip_times = timed(zip_mail, staff, rules)
+
     avg_size = statistics.mean(len(m) for m in school)
+    print(f"virus scanning: {scanner}")
     print(f"rules load: {load_seconds * 1000:.0f} ms")
     print(
         f"school mail ({len(school)} messages, {avg_size / 1000:.1f} KB average, 20 KB HTML + PDF): "
-        f"{rate:.0f} messages/s on one core; p50 {percentile(school_times, 0.5) * 1000:.2f} ms, "
+        f"{rate:.0f} messages/s on one core (CPU time); {wall_rate:.0f}/s wall-clock one at a time; "
+        f"p50 {percentile(school_times, 0.5) * 1000:.2f} ms, "
         f"p99 {percentile(school_times, 0.99) * 1000:.2f} ms"
     )
     if corpus:
@@ -121,6 +188,15 @@ def main() -> int:
             f"shared corpora ({len(corpus)} messages): p50 {percentile(corpus_times, 0.5) * 1000:.2f} ms, "
             f"p99 {percentile(corpus_times, 0.99) * 1000:.2f} ms, "
             f"slowest under 1 MB {slowest_small * 1000:.1f} ms"
+        )
+    for label, mail, times in (
+        ("school mail with a 1 MB PDF", pdf_mail, pdf_times),
+        ("school mail with a 5 MB zip", zip_mail, zip_times),
+    ):
+        print(
+            f"{label} ({len(mail)} messages, {len(mail[0]) / 1e6:.1f} MB each): "
+            f"p50 {percentile(times, 0.5) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms per message; "
+            f"peak Python memory {peak_memory(mail[:3], staff, rules):.1f} MB"
         )
     ok_rate = rate >= 300
     ok_latency = slowest_small <= 0.050
