@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from milter.sockets import parse_socket_name
+
 ScanStatus = Literal["clean", "infected", "size_limit", "error"]
 Buffer = bytes | bytearray | memoryview
 
@@ -87,30 +89,8 @@ class ClamdConfigError(ValueError):
 
 
 def parse_address(address: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
-    """The socket family and address for `unix:/path` or `inet:HOST:PORT`.
-
-    The same spellings as milter sockets (Postfix/Sendmail): `unix:` or `local:` with a
-    path; `inet:HOST:PORT`, `inet:PORT@HOST`, `inet6:[::1]:PORT`. A bare `inet:PORT`
-    means 127.0.0.1. Raises ValueError with the reason.
-    """
-    kind, sep, rest = address.partition(":")
-    if not sep:
-        raise ValueError(f"clamd address {address!r}: expected unix:/path or inet:HOST:PORT")
-    if kind in ("unix", "local"):
-        if not rest:
-            raise ValueError(f"clamd address {address!r}: no socket path")
-        return socket.AF_UNIX, rest
-    if kind in ("inet", "inet6"):
-        if "@" in rest:
-            port, _, host = rest.partition("@")
-        else:
-            host, _, port = rest.rpartition(":")
-        host = host.strip("[]") or ("::1" if kind == "inet6" else "127.0.0.1")
-        if not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ValueError(f"clamd address {address!r}: bad port {port!r}")
-        family = socket.AF_INET6 if kind == "inet6" or ":" in host else socket.AF_INET
-        return family, (host, int(port))
-    raise ValueError(f"clamd address {address!r}: unknown socket type {kind!r} (use unix or inet)")
+    """The socket family and address of a clamd socket name (milter spellings, see milter.sockets)."""
+    return parse_socket_name(address, "clamd address")
 
 
 def parse_scan_reply(reply: str) -> ClamdResult:

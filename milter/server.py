@@ -26,6 +26,7 @@ from milter.modify import AddHeader, ChangeHeader, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action
 from milter.reference import new_reference
+from milter.sockets import parse_socket_name
 
 log = logging.getLogger(__name__)
 
@@ -473,31 +474,15 @@ class MilterServer:
                 task.cancel()
 
 
-def parse_address(spec: str) -> tuple[str, str | tuple[str, int]]:
-    """Postfix/Sendmail socket names: inet:HOST:PORT, inet:PORT@HOST, inet6:..., unix:/path, local:/path."""
-    kind, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"{spec!r}: expected inet:HOST:PORT or unix:/path")
-    if kind in ("unix", "local"):
-        if not rest:
-            raise ValueError(f"{spec!r}: no socket path")
-        return "unix", rest
-    if kind in ("inet", "inet6"):
-        if "@" in rest:
-            port, _, host = rest.partition("@")
-        else:
-            host, _, port = rest.rpartition(":")
-        host = host.strip("[]") or ("::1" if kind == "inet6" else "127.0.0.1")
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{spec!r}: bad port {port!r}")
-        return kind, (host, int(port))
-    raise ValueError(f"{spec!r}: unknown socket type {kind!r} (use inet, inet6 or unix)")
+def parse_address(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """A milter socket name (inet:HOST:PORT, inet:PORT@HOST, inet6:..., unix:/path) as family and address."""
+    return parse_socket_name(spec, "milter socket")
 
 
 def bind(spec: str, backlog: int = 256) -> socket.socket:
     """A listening socket for the spec; shared by worker processes after fork."""
-    kind, where = parse_address(spec)
-    if kind == "unix":
+    family, where = parse_address(spec)
+    if family == socket.AF_UNIX:
         assert isinstance(where, str)
         if os.path.exists(where):
             os.unlink(where)  # a stale socket from a previous run
@@ -506,7 +491,6 @@ def bind(spec: str, backlog: int = 256) -> socket.socket:
         os.chmod(where, 0o660)
     else:
         assert isinstance(where, tuple)
-        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
         # the socket says it is TCP, and without it every reply waited ~40 ms for an ACK.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)

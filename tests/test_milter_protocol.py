@@ -308,10 +308,10 @@ def test_reply_code_multiline_and_escaping() -> None:
 @pytest.mark.parametrize(
     ("spec", "parsed"),
     [
-        ("inet:127.0.0.1:8894", ("inet", ("127.0.0.1", 8894))),
-        ("inet:8894@127.0.0.1", ("inet", ("127.0.0.1", 8894))),
-        ("inet6:[::1]:8894", ("inet6", ("::1", 8894))),
-        ("unix:/run/school-milter/milter.sock", ("unix", "/run/school-milter/milter.sock")),
+        ("inet:127.0.0.1:8894", (socket.AF_INET, ("127.0.0.1", 8894))),
+        ("inet:8894@127.0.0.1", (socket.AF_INET, ("127.0.0.1", 8894))),
+        ("inet6:[::1]:8894", (socket.AF_INET6, ("::1", 8894))),
+        ("unix:/run/school-milter/milter.sock", (socket.AF_UNIX, "/run/school-milter/milter.sock")),
     ],
 )
 def test_parse_address(spec: str, parsed: tuple[str, object]) -> None:
