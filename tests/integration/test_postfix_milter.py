@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import email
 import email.message
-import io
 import signal
 import smtplib
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +22,9 @@ from tests.conftest import copy_rules
 from tests.integration.conftest import PostfixFactory
 from tests.mail import build
 from tests.postfix_harness import MilterSettings, PostfixInstance, ReceivedMessage, SmtpRefused, SmtpSink
-from tests.test_clamd import EICAR, SIGNATURE
+from tests.test_clamd import SIGNATURE
 from tests.test_daemon import Daemon
+from tests.test_virus_scan import CARRIERS, OUTSIDER
 
 pytestmark = pytest.mark.postfix
 
@@ -202,7 +201,9 @@ def test_broken_reload_keeps_old_rules(
     assert len(sink.wait_for(1, timeout=15)) == 1
 
 
+@pytest.mark.parametrize("carrier", list(CARRIERS))
 def test_virus_refused_through_postfix_naming_signature(
+    carrier: str,
     tmp_path: Path,
     postfix_factory: PostfixFactory,
     sink: SmtpSink,
@@ -217,25 +218,9 @@ def test_virus_refused_through_postfix_naming_signature(
     daemon = Daemon(root, tmp_path / "av")
     try:
         mta = postfix_factory(milter=f"inet:127.0.0.1:{daemon.port}", extra_main_cf=XCLIENT)
-        carrier = io.BytesIO()
-        with zipfile.ZipFile(carrier, "w") as archive:
-            archive.writestr("inner.zip", zipped_eicar())
-        raw = build(
-            "x@outside.example",
-            "a.patel@redborne.example",
-            "invoice",
-            "see attached",
-            attachments=[("invoice.zip", carrier.getvalue(), "application/zip")],
-        )
-        code, text = send_from_outside(mta, raw, "x@outside.example", ["a.patel@redborne.example"])
+        raw = CARRIERS[carrier]()
+        code, text = send_from_outside(mta, raw, OUTSIDER, [STAFF])
         assert code == 550 and SIGNATURE.encode() in text, text
         assert sink.messages == []
     finally:
         daemon.stop()
-
-
-def zipped_eicar() -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        archive.writestr("eicar.com", EICAR)
-    return out.getvalue()
