@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from school_words import WORDS  # noqa: E402
 
 from milter.engine import scan  # noqa: E402
 from milter.envelope import Envelope  # noqa: E402
@@ -34,12 +37,6 @@ from tests import samples  # noqa: E402
 from tests.clamd_harness import ClamdInstance, clamd_available  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"
-WORDS = (  # noqa: SIM905 - prose reads better than a word list
-    "the pupils will visit the museum on thursday and should bring a packed lunch waterproof coat "
-    "and their history exercise books photosynthesis chlorophyll equation revision sports day netball "
-    "fixtures against bedford results were excellent congratulations to year nine parents evening "
-    "appointments can be booked online library books are due back before the holidays"
-).split()
 
 
 def big_pdf(seed: int) -> bytes:

@@ -40,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from school_words import WORDS  # noqa: E402
 
 from tests.postfix_harness import (  # noqa: E402
     LOOPBACK,
@@ -55,12 +58,6 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "j.hughes@redborne.example"
 RECIPIENT = "parents.year9@example.org"
 TARGET_RATIO = 0.5
-WORDS = (  # noqa: SIM905 - prose reads better than a word list
-    "the pupils will visit the museum on thursday and should bring a packed lunch waterproof coat "
-    "and their history exercise books photosynthesis chlorophyll equation revision sports day netball "
-    "fixtures against bedford results were excellent congratulations to year nine parents evening "
-    "appointments can be booked online library books are due back before the holidays"
-).split()
 
 
 def school_message(size: int = 22_000, seed: int = 9) -> bytes:

@@ -384,7 +384,7 @@ class MilterSession:
             # One write for all modifications: fewer small packets for the MTA to wait on.
             self.writer.write(b"".join(replies))
         action = verdict.action
-        if (action is Action.REJECT and verdict.reply) or (action is Action.TEMPFAIL and verdict.reply):
+        if action in (Action.REJECT, Action.TEMPFAIL) and verdict.reply:
             await self._send(
                 p.reply_code(verdict.reply.code, verdict.reply.enhanced, reply_lines(verdict.reply.text))
             )
