@@ -26,11 +26,13 @@ run: $(VENV)/.installed system-packages
 	@$(BIN)/school-milter check-rules rules
 	@echo
 	@$(BIN)/school-milter scan rules/examples
-	@deploy/local-stack.sh start --with-daemon "$(CURDIR)/$(BIN)/school-milter --rules $(CURDIR)/rules serve --milter inet:127.0.0.1:8894 --metrics 127.0.0.1:9464"
+	@deploy/local-stack.sh start --with-daemon "$(CURDIR)/$(BIN)/school-milter --rules $(CURDIR)/rules serve --milter inet:127.0.0.1:8894 --metrics 127.0.0.1:9464 --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
 	@echo
 	@echo "Also:"
 	@echo "  $(BIN)/school-milter scan message.eml --mail-from a.patel@redborne.example --rcpt x@example.org"
 	@echo "  curl -s 127.0.0.1:9464/metrics | grep school_milter      # the gateway's metrics"
+	@echo "  $(BIN)/school-milter quarantine list --database sqlite:///$(CURDIR)/var/quarantine.db"
+	@echo "  $(BIN)/school-milter quarantine release ID --reason '...' --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
 	@echo "  deploy/local-stack.sh stop                                # stop Postfix, sink and gateway"
 
 lint: $(VENV)/.installed

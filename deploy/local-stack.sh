@@ -11,6 +11,8 @@
 #             var/local-stack/maillog; milter inet:127.0.0.1:8894, milter_default_action
 #             = tempfail (as in deploy/postfix/main.cf.snippet); no local delivery: every
 #             message is relayed to the sink. The system's own Postfix is not touched.
+#             A second smtpd on 127.0.0.1:2527 runs no milter: the gateway delivers
+#             released messages, guidance mail and alerts there.
 #   sink      Postfix's smtp-sink on 127.0.0.1:2526, writing one file per delivered
 #             message to var/delivered/ (the message as Postfix relayed it, preceded by
 #             smtp-sink's X-Client-Addr, X-Mail-Args and X-Rcpt-Args envelope lines).
@@ -34,6 +36,8 @@ QUEUE="$VAR/postfix/queue"
 MAILLOG="$VAR/maillog"
 SMTP_PORT="${SMTP_PORT:-2525}"
 SINK_PORT="${SINK_PORT:-2526}"
+# Released mail, guidance and alerts come back in here: an smtpd with no milter.
+REINJECT_PORT="${REINJECT_PORT:-2527}"
 MILTER="${MILTER:-inet:127.0.0.1:8894}"
 # Fallback data directory, used only when postfix cannot reach var/ (see data_directory()).
 OUTSIDE_DATA="/var/lib/school-milter-local-stack"
@@ -103,7 +107,12 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 # No local delivery: every message, bounces included, goes to the sink.
 mydestination =
-relay_domains =
+# The school's domains are accepted from anyone, so mail "from outside" (XCLIENT below)
+# to staff is taken in and scanned as inbound.
+relay_domains = redborne.example, students.redborne.example
+# Loopback clients may claim another address with XCLIENT: how the swaks example plays an
+# outside sender. Never on a real server.
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
 local_recipient_maps =
 alias_maps =
 alias_database =
@@ -136,6 +145,10 @@ EOF
   # No chroot: a chrooted daemon would need copies of /etc files inside the queue dir.
   cat >"$CONF/master.cf" <<EOF
 127.0.0.1:$SMTP_PORT inet n - n - - smtpd
+127.0.0.1:$REINJECT_PORT inet n - n - - smtpd
+  -o syslog_name=postfix/school-reinject
+  -o smtpd_milters=
+  -o receive_override_options=no_milters
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -242,6 +255,12 @@ Try it (each delivered message appears as a file in var/delivered/):
   # obscene mail from a member of staff: refused with 550 5.7.1 citing clause 5.5, not delivered
   swaks --server 127.0.0.1:$SMTP_PORT --from j.hughes@redborne.example --to parent@example.org \\
     --header "Subject: Re: marking" --body "This marking scheme is f*cking ridiculous."
+    # (the sender also gets a guidance mail: it lands in var/delivered/ too)
+  # obscene mail received from outside: accepted, held in the quarantine, SLT alerted
+  swaks --server 127.0.0.1:$SMTP_PORT --from prize@spam.example --to a.patel@redborne.example \
+    --header "Subject: you won" --body "you are a fucking disgrace" \
+    --xclient "ADDR=203.0.113.9 NAME=mail.outside.example"
+  .venv/bin/school-milter quarantine list --database sqlite:///$REPO/var/quarantine.db
   ls -t var/delivered/ | head; tail var/local-stack/maillog
 Stop it all: deploy/local-stack.sh stop
 EOF

@@ -158,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "metrics": args.metrics,
         "spool": args.spool,
+        "database": args.database,
+        "reinject": args.reinject,
         "log_level": args.log_level,
     }
     try:
@@ -204,8 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes sharing the socket (default 1)")
     p.add_argument("--metrics", help="HOST:PORT for Prometheus metrics; '' to disable")
     p.add_argument("--spool", type=Path, help="spool directory for SMTP mode")
+    p.add_argument(
+        "--database",
+        help="quarantine store URL (default sqlite:///var/quarantine.db); '' for the MTA's hold queue",
+    )
+    p.add_argument(
+        "--reinject", help="HOST:PORT of the MTA listener without milter (releases, guidance, alerts)"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    from milter import quarantine_cli
+
+    quarantine_cli.add_commands(sub)
 
     p = sub.add_parser("check-rules", help="check a rules directory and report every problem")
     p.add_argument("directory", nargs="?", help="rules directory (default: --rules)")
@@ -216,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("quarantine", "block", "allow", "lists"):
+            from milter import quarantine_cli
+
+            return quarantine_cli.run(args)
         result: int = args.func(args)
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,19 @@ class Settings(BaseModel):
     smtp: str = ""
     next_hop: str = "127.0.0.1:10026"
     spool: Path = Path("var/spool")
+    # The quarantine store (SQLAlchemy URL): SQLite by default, or
+    # postgresql+psycopg://user:password@host/dbname shared by several daemons and hosts.
+    # Empty: no store; quarantined mail goes to the MTA's hold queue instead.
+    database: str = "sqlite:///var/quarantine.db"
+    # Where released messages and the gateway's own mail (guidance, alerts) are delivered:
+    # an MTA listener that runs no milter, "HOST:PORT" (deploy/postfix/master.cf.snippet).
+    reinject: str = "127.0.0.1:10026"
+    # The web console's address, quoted in alerts; empty when there is none.
+    console_url: str = ""
+    # How often (seconds) a daemon asks the store whether block/allow lists changed.
+    lists_refresh: float = Field(default=1.0, ge=0)
+    # How often (seconds) pending guidance mail and alerts are retried.
+    outbox_interval: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1, le=64)
     # Prometheus metrics, "HOST:PORT"; empty to disable.
     metrics: str = "127.0.0.1:9464"
@@ -41,7 +54,22 @@ class Settings(BaseModel):
             parse_address(v)
         return v
 
-    @field_validator("smtp", "next_hop", "metrics")
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if v:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(v)
+            except ArgumentError:
+                raise ValueError(
+                    f"{v!r} is not a database URL (sqlite:///path or postgresql+psycopg://...)"
+                ) from None
+        return v
+
+    @field_validator("smtp", "next_hop", "metrics", "reinject")
     @classmethod
     def _host_port(cls, v: str) -> str:
         if v:

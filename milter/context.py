@@ -44,7 +44,7 @@ def is_local(address: str | None, rules: Rules) -> bool:
     return role is not None and role is not Role.PARENT
 
 
-def _trusted_client(address: str | None, rules: Rules) -> bool:
+def trusted_client(address: str | None, rules: Rules) -> bool:
     if not address:
         return False
     try:
@@ -57,7 +57,7 @@ def _trusted_client(address: str | None, rules: Rules) -> bool:
 def derive_context(envelope: Envelope, message: Message, rules: Rules) -> Context:
     sender = (envelope.mail_from or message.from_address or "").lower() or None
     recipients = tuple(r.lower() for r in envelope.rcpt_to) or tuple(message.header_recipients)
-    trusted = bool(envelope.auth_user) or _trusted_client(envelope.client_address, rules)
+    trusted = bool(envelope.auth_user) or trusted_client(envelope.client_address, rules)
     # With no wire facts at all (a `scan` of a file), the sender's address is taken at its
     # word, so a school can ask "what would happen if this staff member sent this?".
     no_wire_facts = envelope.client_address is None and envelope.auth_user is None

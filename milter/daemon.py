@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -27,6 +28,8 @@ from milter.policy.loader import Rules, load_rules
 from milter.server import Decision, MilterServer, ServerLimits, bind
 
 if TYPE_CHECKING:
+    from milter.followup import FollowUp
+
     # Imported for real only once the process knows whether metrics are shared between
     # workers: prometheus_client picks its value store when it is first imported.
     from milter.metrics import Metrics
@@ -51,10 +54,18 @@ def notify_systemd(state: str) -> None:
 class RulesHolder:
     """The rules in force; swapped whole on a successful reload, kept on a failed one."""
 
-    def __init__(self, path: Path, rules: Rules, metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        rules: Rules,
+        metrics: Metrics | None,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self.rules = rules
         self.metrics = metrics
+        self.on_change = on_change
+        self.digest = rules_digest(path)
         if metrics:
             metrics.dependency_up.labels("rules").set(1)
 
@@ -79,7 +90,25 @@ class RulesHolder:
         if self.metrics:
             self.metrics.dependency_up.labels("rules").set(1)
         log.info("rules reloaded", extra={"event": "reload", "ok": True})
+        digest = rules_digest(self.path)
+        if digest != self.digest:
+            self.digest = digest
+            if self.on_change:
+                try:
+                    self.on_change(digest)
+                except Exception as exc:
+                    log.error("could not audit the rules change: %s", type(exc).__name__)
         return True
+
+
+def rules_digest(path: Path) -> str:
+    """A digest of every file under rules/, so the audit log records each change of rules."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def decision_logger(metrics: Metrics | None) -> Callable[[Decision], None]:
@@ -121,11 +150,51 @@ def _limits(settings: Settings) -> ServerLimits:
     )
 
 
-async def _run_worker(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> None:
+def _open_followup(settings: Settings) -> FollowUp | None:
+    """The quarantine store and what goes with it, for one process (engines are not shared across fork)."""
+    if not settings.database:
+        return None
+    from milter import lists
+    from milter.followup import FollowUp
+    from milter.store import Store
+
+    store = Store(settings.database, upgrade=False)
+    lists.install(lists.ListsSource(store.list_version, store.lists, settings.lists_refresh).current)
+    relay = host_port(settings.reinject) if settings.reinject else None
+    return FollowUp(store, relay, console_url=settings.console_url or None)
+
+
+async def _deliver_outbox(followup: FollowUp, interval: float, wake: asyncio.Event) -> None:
+    """Send queued guidance and alerts soon after they are queued, and retry failures."""
+    loop = asyncio.get_running_loop()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        wake.clear()
+        try:
+            sent, failed = await loop.run_in_executor(None, followup.deliver_outbox)
+        except Exception as exc:
+            log.error("outbox delivery failed: %s", type(exc).__name__)
+            continue
+        if sent or failed:
+            log.info("outbox", extra={"event": "outbox", "sent": sent, "failed": failed})
+
+
+async def _run_worker(
+    settings: Settings, rules: Rules, milter_sock: socket.socket | None, primary: bool = True
+) -> None:
     from milter.metrics import Metrics
 
     metrics = Metrics()
-    holder = RulesHolder(settings.rules, rules, metrics)
+    followup = _open_followup(settings)
+    on_change = None
+    if followup is not None and primary:
+        store = followup.store
+
+        def on_change(digest: str) -> None:
+            store.audit("school-milter", "rules_change", str(settings.rules), "reload", digest=digest)
+
+    holder = RulesHolder(settings.rules, rules, metrics, on_change)
     on_decision = decision_logger(metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -141,8 +210,20 @@ async def _run_worker(settings: Settings, rules: Rules, milter_sock: socket.sock
 
     milter_server = None
     if milter_sock is not None:
-        milter_server = MilterServer(holder.get, _limits(settings), on_decision=on_decision)
+        milter_server = MilterServer(
+            holder.get, _limits(settings), on_decision=on_decision, followup=followup
+        )
         await milter_server.start(milter_sock)
+    outbox_task = None
+    if followup is not None:
+        wake = asyncio.Event()
+        outbox_task = asyncio.create_task(_deliver_outbox(followup, settings.outbox_interval, wake))
+        if milter_server:
+
+            def nudge() -> None:
+                loop.call_soon_threadsafe(wake.set)
+
+            milter_server.outbox_waiting = nudge
     smtp_gateway = None
     if settings.smtp:
         from milter.smtp_mode import SmtpGateway, SmtpModeConfig
@@ -175,10 +256,18 @@ async def _run_worker(settings: Settings, rules: Rules, milter_sock: socket.sock
         await milter_server.stop(settings.shutdown_grace)
     if smtp_gateway:
         await smtp_gateway.stop()
+    if outbox_task:
+        outbox_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await outbox_task
+    if followup:
+        followup.store.close()
 
 
-def _worker_main(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> None:
-    asyncio.run(_run_worker(settings, rules, milter_sock))
+def _worker_main(
+    settings: Settings, rules: Rules, milter_sock: socket.socket | None, primary: bool = True
+) -> None:
+    asyncio.run(_run_worker(settings, rules, milter_sock, primary))
 
 
 def serve(settings: Settings) -> int:
@@ -192,6 +281,20 @@ def serve(settings: Settings) -> int:
         return 2
     for warning in rules.warnings:
         log.warning(warning)
+    if settings.database:
+        # Migrate once, here, before any worker opens the store.
+        from milter.store import Store, StoreError
+
+        try:
+            Store(settings.database).close()
+        except (StoreError, OSError) as exc:
+            log.error("cannot open the quarantine store: %s", exc)
+            return 2
+        except Exception as exc:
+            log.error(
+                "cannot open the quarantine store %s: %s", _safe_url(settings.database), type(exc).__name__
+            )
+            return 2
     try:
         milter_sock = bind(settings.milter) if settings.milter else None
     except OSError as exc:
@@ -239,7 +342,7 @@ def _supervise(settings: Settings, rules: Rules, milter_sock: socket.socket | No
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 worker = settings if index == 0 else settings.model_copy(update={"smtp": ""})
-                _worker_main(worker, rules, milter_sock)
+                _worker_main(worker, rules, milter_sock, primary=index == 0)
             except BaseException:
                 code = 1
             finally:
@@ -292,6 +395,13 @@ def _supervise(settings: Settings, rules: Rules, milter_sock: socket.socket | No
         spawn(index)
     notify_systemd("STOPPING=1")
     return 0 if stopping else 1
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def main_serve(settings: Settings) -> int:

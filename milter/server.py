@@ -17,11 +17,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from milter import protocol as p
 from milter.decide import TEMPFAIL_TEXT
 from milter.engine import Scan, scan
 from milter.envelope import Envelope
+from milter.followup import FollowUp, is_report
 from milter.modify import AddHeader, ChangeHeader, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action
@@ -29,6 +31,7 @@ from milter.reference import new_reference
 from milter.sockets import parse_socket_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What we ask the MTA for: header changes (tag, fix), quarantine, and our own macro list.
 WANTED_ACTIONS = p.ADD_HEADERS | p.CHANGE_HEADERS | p.QUARANTINE | p.SET_SYMLIST
@@ -304,13 +307,23 @@ class MilterSession:
                 )
             )
             return
+        followup = self.server.followup
         try:
             raw = self._raw_message()
+            if followup and is_report(envelope, self.server.rules_provider()):
+                await self._take_report(followup, raw, envelope, started)
+                return
             result = await self._scan(raw, envelope)
+            held_id = None
+            if followup and result.verdict.action is Action.QUARANTINE:
+                # Durably stored before the MTA is told to drop it; a failure here is a 4xx.
+                held_id = await self._in_executor(followup.hold, raw, envelope, result)
         except Exception as exc:
             await self._failed(envelope, exc, time.perf_counter() - started)
             return
-        await self._apply(result)
+        await self._apply(result, held=held_id is not None)
+        if followup and (result.verdict.alerts or result.verdict.guidance):
+            self.server.follow_up(result, held_id)
         self.server.decided(
             Decision(
                 result.verdict.reference,
@@ -320,6 +333,35 @@ class MilterSession:
                 len(raw),
                 len(state.rcpts),
                 result,
+            )
+        )
+
+    async def _in_executor(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
+
+    async def _take_report(self, followup: FollowUp, raw: bytes, envelope: Envelope, started: float) -> None:
+        """A report for the report address (5.7): kept in the store, then dropped, not scanned."""
+        rules = self.server.rules_provider()
+        reference = new_reference(rules.policy.reference_prefix)
+        taken = await self._in_executor(followup.take_report, raw, envelope, rules, reference)
+        await self._send(p.discard())
+        log.info(
+            "report taken",
+            extra={
+                "event": "report",
+                "reference": taken.id,
+                "proposals": taken.proposals,
+                "linked": taken.linked,
+            },
+        )
+        self.server.decided(
+            Decision(
+                taken.id,
+                "report",
+                time.perf_counter() - started,
+                envelope.queue_id,
+                len(raw),
+                len(self.message.rcpts),
             )
         )
 
@@ -371,7 +413,7 @@ class MilterSession:
         """A header value as the MTA expects it: with leading-space negotiated, it is taken verbatim."""
         return " " + value if self.protocol & p.HEADER_LEADING_SPACE and value else value
 
-    async def _apply(self, result: Scan) -> None:
+    async def _apply(self, result: Scan, held: bool = False) -> None:
         verdict = result.verdict
         replies: list[bytes] = []
         for change in modifications(verdict, result.message):
@@ -388,7 +430,8 @@ class MilterSession:
             await self._send(
                 p.reply_code(verdict.reply.code, verdict.reply.enhanced, reply_lines(verdict.reply.text))
             )
-        elif action is Action.DISCARD:
+        elif action is Action.DISCARD or (action is Action.QUARANTINE and held):
+            # A quarantined message is in the store by now: the MTA may drop its copy.
             await self._send(p.discard())
         elif action is Action.QUARANTINE:
             if self.actions & p.QUARANTINE:
@@ -402,6 +445,11 @@ class MilterSession:
                 )
         else:
             await self._send(p.continue_())
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("follow-up failed: %s", type(future.exception()).__name__)
 
 
 def reply_lines(text: str) -> list[str]:
@@ -420,6 +468,7 @@ class MilterServer:
         executor: concurrent.futures.Executor | None = None,
         on_decision: DecisionHook | None = None,
         scanner: Callable[[bytes, Envelope, Rules], Scan] = scan,
+        followup: FollowUp | None = None,
     ) -> None:
         self.rules_provider = rules_provider
         self.limits = limits or ServerLimits()
@@ -428,7 +477,10 @@ class MilterServer:
         )
         self.on_decision = on_decision
         self.scanner = scanner
+        self.followup = followup
         self.active = 0
+        # Called (from a worker thread) when mail was queued in the outbox, to send it soon.
+        self.outbox_waiting: Callable[[], None] | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
 
@@ -438,6 +490,21 @@ class MilterServer:
                 self.on_decision(decision)
             except Exception:
                 log.exception("decision hook failed")
+
+    def follow_up(self, result: Scan, held_id: str | None) -> None:
+        """Guidance mail and alerts, queued in the background after the MTA has its answer."""
+        followup = self.followup
+        if followup is None:
+            return
+        rules = self.rules_provider()
+
+        def work() -> None:
+            followup.after_verdict(result, rules, held_id)
+            if self.outbox_waiting is not None:
+                self.outbox_waiting()
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, work)
+        future.add_done_callback(_log_failure)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= self.limits.max_connections:

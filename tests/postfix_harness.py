@@ -222,6 +222,7 @@ class PostfixInstance:
         smtpd_port: int | None = None,
         extra_main_cf: Mapping[str, str] | None = None,
         hostname: str = "gateway-test.localdomain",
+        reinject_port: int | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.next_hop = next_hop
@@ -230,6 +231,9 @@ class PostfixInstance:
         self.smtpd_port = smtpd_port or free_port()
         self.extra_main_cf = dict(extra_main_cf or {})
         self.hostname = hostname
+        # A second smtpd that runs no milter, as deploy/postfix/master.cf.snippet defines:
+        # where the gateway delivers released mail, guidance and alerts.
+        self.reinject_port = reinject_port
         self.config_directory = self.workdir / "conf"
         self.queue_directory = self.workdir / "queue"
         self.maillog = self.workdir / "maillog"
@@ -295,6 +299,13 @@ class PostfixInstance:
     def master_cf(self) -> str:
         """master.cf: the smtpd listener on LOOPBACK:smtpd_port, then the internal services."""
         listener = f"{LOOPBACK}:{self.smtpd_port} inet n - n - - smtpd\n"
+        if self.reinject_port:
+            listener += (
+                f"{LOOPBACK}:{self.reinject_port} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix/school-reinject\n"
+                "  -o smtpd_milters=\n"
+                "  -o receive_override_options=no_milters\n"
+            )
         return listener + _MASTER_SERVICES
 
     def write_config(self) -> None:

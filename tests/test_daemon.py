@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -26,8 +27,10 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, rules: Path, tmp: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, rules: Path, tmp: Path, *extra: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.log_path = tmp / "daemon.log"
         self.log_file = self.log_path.open("w")
@@ -43,11 +46,18 @@ class Daemon:
                 f"inet:127.0.0.1:{self.port}",
                 "--metrics",
                 f"127.0.0.1:{self.metrics_port}",
+                # The test's own store, never the repository's var/.
+                *(
+                    []
+                    if any(a.startswith("--database") for a in extra)
+                    else ["--database", f"sqlite:///{tmp}/q.db"]
+                ),
                 *extra,
             ],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env={**os.environ, **(env or {})},
         )
         self.wait_for_log("worker ready")
 

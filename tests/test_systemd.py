@@ -12,25 +12,29 @@ import pytest
 from tests.conftest import REPO
 
 UNIT = REPO / "systemd" / "school-milter.service"
+DAILY = REPO / "systemd" / "school-milter-daily.service"
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
 )
 
 
-def installed_copy(tmp_path: Path) -> Path:
+def installed_copy(tmp_path: Path, unit: Path = UNIT) -> Path:
     """The unit with its program path pointed at this checkout's interpreter, as an install would."""
     program = Path(sys.executable).with_name("school-milter")
     if not program.exists():
         program = Path(shutil.which("school-milter") or sys.executable)
-    text = UNIT.read_text().replace("/opt/school-milter/.venv/bin/school-milter", str(program))
-    copy = tmp_path / UNIT.name
+    text = unit.read_text().replace("/opt/school-milter/.venv/bin/school-milter", str(program))
+    copy = tmp_path / unit.name
     copy.write_text(text)
+    if unit == DAILY:
+        shutil.copy(REPO / "systemd" / "school-milter-daily.timer", tmp_path)
     return copy
 
 
-def test_verify_is_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, DAILY], ids=["gateway", "daily"])
+def test_verify_is_clean(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(installed_copy(tmp_path))],
+        ["systemd-analyze", "verify", str(installed_copy(tmp_path, unit))],
         capture_output=True,
         text=True,
         check=False,
@@ -39,9 +43,16 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
-def test_security_exposure_is_low(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, DAILY], ids=["gateway", "daily"])
+def test_security_exposure_is_low(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(installed_copy(tmp_path))],
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            "--threshold=20",
+            str(installed_copy(tmp_path, unit)),
+        ],
         capture_output=True,
         text=True,
         check=False,

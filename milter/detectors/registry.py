@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from milter.detectors import (
     advertising,
+    blocklist,
     bulk_weight,
     dangerous_attachment,
     hidden_text,
@@ -30,6 +31,7 @@ Check = Callable[["Message", "Context", "Rules"], list["Finding"]]
 
 DETECTORS: tuple[ModuleType, ...] = (
     malformed_mime,
+    blocklist,
     obscene_language,
     safeguarding_concern,
     offensive_links,

@@ -114,9 +114,10 @@ def _check_templates(root: Path, env: jinja2.Environment, policy: PolicyFile) ->
     problems: list[Problem] = []
     policy_path = root / POLICY_FILE
     for name in sorted({r.guidance for r in policy.actions if r.guidance}):
-        path = root / GUIDANCE_DIR / f"{name}.txt"
-        if not path.is_file():
-            problems.append(Problem(policy_path, None, f"guidance {name!r} has no template {path}"))
+        for suffix in ("txt", "html"):
+            path = root / GUIDANCE_DIR / f"{name}.{suffix}"
+            if not path.is_file():
+                problems.append(Problem(policy_path, None, f"guidance {name!r} has no template {path}"))
     for path in sorted((root / GUIDANCE_DIR).glob("*")) if (root / GUIDANCE_DIR).is_dir() else []:
         try:
             env.get_template(path.name)
@@ -141,6 +142,16 @@ def _check_references(root: Path, policy: PolicyFile, clauses: dict[str, Clause]
                 Problem(path, None, f"detectors.{detector}: clause {number!r} is not in {CLAUSES_FILE}")
             )
     contacts = policy.school.contacts
+    digest = policy.notifications.quarantine_digest
+    if digest and digest not in contacts:
+        problems.append(
+            Problem(path, None, f"notifications.quarantine_digest: {digest!r} is not in school.contacts")
+        )
+    for role in policy.notifications.digest_roles:
+        if role not in contacts:
+            problems.append(
+                Problem(path, None, f"notifications.digest_roles: {role!r} is not in school.contacts")
+            )
     for i, rule in enumerate(policy.actions):
         for role in rule.alert:
             if role not in contacts:

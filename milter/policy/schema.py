@@ -226,6 +226,15 @@ class VirusScan(Strict):
     unavailable_without_attachments: Literal["tempfail", "tag"] = "tag"
 
 
+class Blocklist(Strict):
+    """Block entries a technician approved (from the report address or by hand), clause 5.7."""
+
+    enabled: bool = True
+    clause: str = "5.7"
+    # Received mail only by default: the lists are about mail sent to the school.
+    directions: list[Direction] = [Direction.INBOUND]
+
+
 class Detectors(Strict):
     obscene_language: ObsceneLanguage = ObsceneLanguage()
     safeguarding_concern: SafeguardingConcern = SafeguardingConcern()
@@ -238,6 +247,7 @@ class Detectors(Strict):
     malformed_mime: MalformedMime = MalformedMime()
     dangerous_attachment: DangerousAttachment = DangerousAttachment()
     virus_scan: VirusScan = VirusScan()
+    blocklist: Blocklist = Blocklist()
 
 
 class ActionRule(Strict):
@@ -282,11 +292,34 @@ class Headers(Strict):
     findings: str = "X-School-Policy-Findings"
 
 
+class QuarantineSettings(Strict):
+    # Held messages older than this are deleted, body and record, by `quarantine purge`.
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    # The Principal and nominees (login names or addresses): only they can record the
+    # authority to open a message marked personal (clauses 2.6 and 2.7).
+    personal_authority: list[str] = []
+
+
+class Notifications(Strict):
+    # Guidance mail to a trusted school sender whose message was refused (appendix).
+    guidance: bool = True
+    # At most this many guidance mails per sender per hour: a looping script gets a few.
+    guidance_per_hour: int = Field(default=10, ge=0)
+    # From: of guidance and alerts; postmaster@ the first school domain when empty.
+    from_address: str | None = None
+    # Roles (school.contacts keys) that get one daily digest instead of a mail per message.
+    digest_roles: list[str] = []
+    # The role whose daily digest lists everything held in the last day (technicians).
+    quarantine_digest: str | None = "it"
+
+
 class PolicyFile(Strict):
     school: School
     detectors: Detectors = Detectors()
     actions: list[ActionRule] = Field(min_length=1)
     on_failure: FailureMode = FailureMode()
+    quarantine: QuarantineSettings = QuarantineSettings()
+    notifications: Notifications = Notifications()
     headers: Headers = Headers()
     # Reference ids start with this, so a school can tell its references apart in bounces.
     reference_prefix: str = Field(default="RB", pattern=r"^[A-Z0-9]{1,8}$")

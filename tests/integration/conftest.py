@@ -50,6 +50,7 @@ class PostfixFactory:
         milter_settings: MilterSettings | None = None,
         extra_main_cf: dict[str, str] | None = None,
         next_hop: tuple[str, int] | None = None,
+        reinject_port: int | None = None,
     ) -> PostfixInstance:
         instance = PostfixInstance(
             self.tmp_path / f"postfix-{len(self.instances)}",
@@ -57,6 +58,7 @@ class PostfixFactory:
             milter=milter,
             milter_settings=milter_settings,
             extra_main_cf=extra_main_cf,
+            reinject_port=reinject_port,
         )
         self.instances.append(instance)
         instance.start()
