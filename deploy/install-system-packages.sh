@@ -6,7 +6,8 @@
 # Debian's "main" cluster, which is therefore not created on a fresh install.
 set -euo pipefail
 
-packages=(postfix swaks systemd curl clamav-daemon libmagic1 libarchive13 postgresql)
+# chromium (and a font) for the web console's browser tests, driven by Playwright.
+packages=(postfix swaks systemd curl clamav-daemon libmagic1 libarchive13 postgresql chromium fonts-liberation)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

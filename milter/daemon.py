@@ -26,6 +26,7 @@ from milter.errors import RulesError
 from milter.multiproc import prepare_multiprocess
 from milter.policy.loader import Rules, load_rules
 from milter.server import Decision, MilterServer, ServerLimits, bind
+from milter.tally import Tally
 
 if TYPE_CHECKING:
     from milter.followup import FollowUp
@@ -111,7 +112,7 @@ def rules_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decision_logger(metrics: Metrics | None) -> Callable[[Decision], None]:
+def decision_logger(metrics: Metrics | None, tally: Tally | None = None) -> Callable[[Decision], None]:
     def record(decision: Decision) -> None:
         fields: dict[str, object] = {
             "event": "decision",
@@ -136,6 +137,8 @@ def decision_logger(metrics: Metrics | None) -> Callable[[Decision], None]:
         log.info("decision", extra=fields)
         if metrics:
             metrics.observe(decision)
+        if tally:
+            tally.add(decision)
 
     return record
 
@@ -162,6 +165,21 @@ def _open_followup(settings: Settings) -> FollowUp | None:
     lists.install(lists.ListsSource(store.list_version, store.lists, settings.lists_refresh).current)
     relay = host_port(settings.reinject) if settings.reinject else None
     return FollowUp(store, relay, console_url=settings.console_url or None)
+
+
+async def _flush_tally(tally: Tally, followup: FollowUp, interval: float = 60.0) -> None:
+    """The dashboard's per-day counts, written once a minute (and once more on the way out)."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(None, tally.flush, followup.store)
+            except Exception as exc:
+                log.warning("could not write the dashboard counts: %s", type(exc).__name__)
+    finally:
+        with contextlib.suppress(Exception):
+            tally.flush(followup.store)
 
 
 async def _deliver_outbox(followup: FollowUp, interval: float, wake: asyncio.Event) -> None:
@@ -195,7 +213,8 @@ async def _run_worker(
             store.audit("school-milter", "rules_change", str(settings.rules), "reload", digest=digest)
 
     holder = RulesHolder(settings.rules, rules, metrics, on_change)
-    on_decision = decision_logger(metrics)
+    tally = Tally() if followup is not None else None
+    on_decision = decision_logger(metrics, tally)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloading: list[asyncio.Future[bool]] = []
@@ -214,8 +233,9 @@ async def _run_worker(
             holder.get, _limits(settings), on_decision=on_decision, followup=followup
         )
         await milter_server.start(milter_sock)
-    outbox_task = None
-    if followup is not None:
+    outbox_task = tally_task = None
+    if followup is not None and tally is not None:
+        tally_task = asyncio.create_task(_flush_tally(tally, followup))
         wake = asyncio.Event()
         outbox_task = asyncio.create_task(_deliver_outbox(followup, settings.outbox_interval, wake))
         if milter_server:
@@ -242,6 +262,7 @@ async def _run_worker(
                 timeout_seconds=settings.idle_timeout,
             ),
             holder.get,
+            followup=followup,
         )
         smtp_gateway.on_decision = lambda verdict, envelope, seconds: on_decision(
             Decision(
@@ -256,10 +277,11 @@ async def _run_worker(
         await milter_server.stop(settings.shutdown_grace)
     if smtp_gateway:
         await smtp_gateway.stop()
-    if outbox_task:
-        outbox_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await outbox_task
+    for task in (outbox_task, tally_task):
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if followup:
         followup.store.close()
 

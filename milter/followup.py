@@ -9,16 +9,18 @@ a guidance mail or an alert but never loses it.
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import logging
 import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import EmailMessage
 
 from milter import notify
 from milter.context import is_local, trusted_client
 from milter.engine import Scan
-from milter.faults import failpoint
 from milter.envelope import Envelope
+from milter.faults import failpoint
 from milter.message import Message
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, Direction
@@ -26,6 +28,11 @@ from milter.report import parse_report
 from milter.store.store import HeldFilter, HeldRecord, Store
 
 log = logging.getLogger("school_milter")
+
+
+def wire_bytes(mail: EmailMessage) -> bytes:
+    """The mail as sent over SMTP: CRLF line ends (bytes() would give bare LFs)."""
+    return mail.as_bytes(policy=email.policy.SMTP)
 
 
 def held_item(record: HeldRecord) -> notify.HeldItem:
@@ -132,7 +139,7 @@ class FollowUp:
             )
             return
         self.store.queue_mail(
-            "guidance", [ctx.sender], bytes(mail), about=ctx.sender, reference=verdict.reference
+            "guidance", [ctx.sender], wire_bytes(mail), about=ctx.sender, reference=verdict.reference
         )
 
     def _alerts(self, result: Scan, rules: Rules, held_id: str | None) -> None:
@@ -154,7 +161,7 @@ class FollowUp:
                 rules.policy.school.contacts[r] for r in immediate if r in rules.policy.school.contacts
             ]
             self.store.queue_mail(
-                "alert", recipients, bytes(mail), about=",".join(immediate), reference=verdict.reference
+                "alert", recipients, wire_bytes(mail), about=",".join(immediate), reference=verdict.reference
             )
 
     def _unheld_item(self, result: Scan) -> notify.HeldItem:
@@ -197,7 +204,7 @@ class FollowUp:
         address = rules.policy.school.contacts.get(role)
         if mail is None or not address:
             return 0
-        self.store.queue_mail("digest", [address], bytes(mail), about=role)
+        self.store.queue_mail("digest", [address], wire_bytes(mail), about=role)
         return len(records)
 
     # -------------------------------------------------------------------- outbox

@@ -146,13 +146,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from milter.release import release
+    from milter.release import ReleaseFailed, release
 
     settings = _settings(args)
     if not settings.reinject:
         raise StoreError("no reinject listener configured (reinject = HOST:PORT)")
     store = _open(args)
-    sent_to = release(store, args.id, actor(args), args.reason, host_port(settings.reinject), args.to or None)
+    try:
+        sent_to = release(
+            store, args.id, actor(args), args.reason, host_port(settings.reinject), args.to or None
+        )
+    except ReleaseFailed as exc:
+        # The relay refused or could not be reached: still held, the error is in the audit log.
+        print(f"school-milter: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.id} released to {', '.join(sent_to)}")
     return 0
 

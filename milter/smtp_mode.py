@@ -46,7 +46,9 @@ from aiosmtpd.smtp import SMTP, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from milter import engine
+from milter.engine import Scan
 from milter.envelope import Envelope
+from milter.followup import FollowUp
 from milter.modify import Modification, apply_to_bytes, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, PolicyFile
@@ -358,8 +360,11 @@ class SmtpGateway:
         executor: concurrent.futures.Executor | None = None,
         *,
         on_decision: DecisionHook | None = None,
+        followup: FollowUp | None = None,
     ) -> None:
         self.config = config
+        # The quarantine store, guidance and alerts; None keeps held mail in spool_dir/quarantine.
+        self.followup = followup
         self.rules_provider = rules_provider
         # Called after each scanned message with the verdict, envelope and scan seconds,
         # just before the client gets its answer. It must be quick, and never log content.
@@ -380,6 +385,11 @@ class SmtpGateway:
         self._idle: asyncio.Event | None = None
         self._prefix = _FALLBACK_PREFIX
         self._warned_no_xforward = False
+
+    def _follow_up(self, result: Scan, held_id: str | None) -> None:
+        """Guidance and alerts, queued in the background; the outbox sends them."""
+        if self.followup is not None:
+            self._executor.submit(self.followup.after_verdict, result, self.rules_provider(), held_id)
 
     # -- lifecycle --
 
@@ -557,6 +567,18 @@ class SmtpGateway:
             )
             seconds = time.perf_counter() - started
             verdict = result.verdict
+            if verdict.action is Action.QUARANTINE and self.followup is not None:
+                # The shared quarantine store (issue 5) instead of the spool's quarantine/.
+                stage = "hold"
+                held_id = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.followup.hold, raw, envelope, result
+                )
+                await asyncio.to_thread(Spool.remove, path)
+                self._decided(verdict, envelope, seconds)
+                self._follow_up(result, held_id)
+                return format_reply(250, "2.0.0", f"Held for review, reference {reference}.")
+            if verdict.alerts or verdict.guidance:
+                self._follow_up(result, None)
             changes: list[Modification] = []
             if verdict.action in (Action.ACCEPT, Action.TAG, Action.FIX):
                 changes = modifications(verdict, result.message)

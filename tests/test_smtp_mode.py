@@ -24,9 +24,11 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 import milter.engine
 from milter.envelope import Envelope
+from milter.followup import FollowUp
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, ActionRule
 from milter.smtp_mode import SmtpGateway, SmtpModeConfig, _auth_user, format_reply
+from milter.store import Store
 from milter.verdict import Verdict
 from tests.mail import build
 
@@ -90,7 +92,12 @@ class Running:
     """A gateway and its next hop, serving on a loop thread, bound to free loopback ports."""
 
     def __init__(
-        self, rules: Rules | Callable[[], Rules], spool: Path, next_hop_down: bool = False, **config: Any
+        self,
+        rules: Rules | Callable[[], Rules],
+        spool: Path,
+        next_hop_down: bool = False,
+        followup: FollowUp | None = None,
+        **config: Any,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -108,7 +115,9 @@ class Running:
         )
         self.decisions: list[tuple[Verdict, Envelope, float]] = []
         provider = rules if callable(rules) else (lambda: rules)
-        self.gateway = SmtpGateway(self.config, provider, on_decision=lambda *d: self.decisions.append(d))
+        self.gateway = SmtpGateway(
+            self.config, provider, on_decision=lambda *d: self.decisions.append(d), followup=followup
+        )
         self.run(self.gateway.start())
 
     async def _serve_next_hop(self) -> asyncio.Server:
@@ -281,6 +290,26 @@ def test_inbound_obscene_mail_is_held_in_quarantine(gateway: Running) -> None:
     assert record["envelope"]["rcpt_to"] == [STAFF]
     assert gateway.next_hop.received == []
     assert gateway.files("incoming") == []
+
+
+def test_with_a_store_held_mail_goes_to_the_quarantine_store(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    store = Store(f"sqlite:///{tmp_path}/q.db")
+    gateway = start(followup=FollowUp(store, None))
+    raw = build(OUTSIDER, STAFF, "hello", "You are a fucking idiot.")
+    code, reply = gateway.send(
+        raw, OUTSIDER, [STAFF], xforward="NAME=mail.elsewhere.example ADDR=203.0.113.9"
+    )
+    assert code == 250
+    reference = REFERENCE.search(reply)
+    assert reference
+    record = store.get(reference.group())
+    assert record.direction == "inbound" and record.recipients == (STAFF,)
+    assert store.body(reference.group(), "tech", "test") == crlf(raw)
+    assert gateway.files("quarantine") == [] and gateway.files("incoming") == []
+    assert gateway.next_hop.received == []
+    store.close()
 
 
 def test_discard_answers_250_and_drops_the_message(start: Callable[..., Running], rules: Rules) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, Date, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -151,3 +151,66 @@ class PendingAlert(Base):
     role: Mapped[str] = mapped_column(String(64), index=True)
     message_id: Mapped[str] = mapped_column(ForeignKey("held_message.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebUser(Base):
+    """A web console account. Roles: technician, dsl, slt, auditor (issue 6; clauses 2.6-2.7)."""
+
+    __tablename__ = "web_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(255), unique=True)
+    # Where single sign-on finds the account: the address the identity provider vouches for.
+    email: Mapped[str] = mapped_column(String(320), default="", index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    # argon2id; empty for an account that signs in only through single sign-on.
+    password_hash: Mapped[str] = mapped_column(String(255), default="")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds only the random id; a new id at every sign-in."""
+
+    __tablename__ = "web_session"
+
+    # sha256 of the cookie value: a stolen database does not hand out live sessions.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("web_user.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LoginFailure(Base):
+    """Failed sign-ins, for rate limits by account and by client address."""
+
+    __tablename__ = "login_failure"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(255), index=True)
+    client: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class DailyCount(Base):
+    """Messages per day by action and category, added up by the daemons (for the dashboard)."""
+
+    __tablename__ = "daily_count"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    action: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # detector/category, or "" for the message count itself.
+    category: Mapped[str] = mapped_column(String(80), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SenderCount(Base):
+    """Refused or held messages per sender per day: the dashboard's top blocked senders."""
+
+    __tablename__ = "sender_count"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    sender: Mapped[str] = mapped_column(String(320), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -27,11 +27,13 @@ from milter.store import migrate
 from milter.store.models import (
     AuditEntry,
     Authority,
+    DailyCount,
     HeldMessage,
     ListEntry,
     ListVersion,
     OutboxMail,
     PendingAlert,
+    SenderCount,
     utcnow,
 )
 
@@ -155,6 +157,12 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
     return value
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # A bound to compare stored times with, in UTC: SQLite keeps the wall clock without its
+    # offset, so 09:00+01:00 must be compared as 08:00. Naive times are taken as UTC.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _record(row: HeldMessage, has_body: bool) -> HeldRecord:
@@ -328,7 +336,7 @@ class Store:
     ) -> list[AuditRecord]:
         query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
         if since:
-            query = query.where(AuditEntry.at >= since)
+            query = query.where(AuditEntry.at >= _utc(since))
         if actor:
             query = query.where(AuditEntry.actor == actor)
         if action:
@@ -408,7 +416,7 @@ class Store:
     def find(self, filters: HeldFilter = HeldFilter(), limit: int = 100, offset: int = 0) -> list[HeldRecord]:
         query = select(HeldMessage, HeldMessage.body.is_not(None))
         if filters.since:
-            query = query.where(HeldMessage.received_at >= filters.since)
+            query = query.where(HeldMessage.received_at >= _utc(filters.since))
         if filters.category:
             query = query.where(HeldMessage.categories.contains(filters.category.lower()))
         if filters.only_categories is not None:
@@ -571,7 +579,7 @@ class Store:
 
     def purge(self, older_than: dt.timedelta, actor: str, *, now: dt.datetime | None = None) -> list[str]:
         """Delete every held message (body and record) received before the retention period."""
-        cutoff = (now or utcnow()) - older_than
+        cutoff = _utc(now or utcnow()) - older_than
         with self.session() as session:
             ids = list(
                 session.scalars(
@@ -713,6 +721,9 @@ class Store:
             entry = session.get(ListEntry, entry_id)
             if entry is None:
                 raise NotFound(f"no list entry {entry_id}")
+            if entry.status == "removed":
+                raise Refused(f"entry {entry_id} is already removed")
+            was = entry.status
             entry.status = "removed"
             entry.decided_at = utcnow()
             entry.decided_by = actor
@@ -724,8 +735,11 @@ class Store:
                 reason,
                 entry=entry_id,
                 via=via,
+                was=was,
             )
-            self._bump(session)
+            if was == "approved":
+                # Only an approved entry applied to mail: daemons reload only for those.
+                self._bump(session)
 
     def entries(self, list_name: str | None = None, status: str | None = None) -> list[ListRecord]:
         query = select(ListEntry).order_by(ListEntry.id)
@@ -777,7 +791,7 @@ class Store:
                     .where(
                         OutboxMail.kind == kind,
                         OutboxMail.about == about.lower(),
-                        OutboxMail.created_at >= since,
+                        OutboxMail.created_at >= _utc(since),
                     )
                 )
                 or 0
@@ -823,6 +837,47 @@ class Store:
             query = query.where(OutboxMail.status == status)
         with self.session() as session:
             return [(i, k, s, tuple(r)) for i, k, s, r in session.execute(query.order_by(OutboxMail.id))]
+
+    # --------------------------------------------------------- dashboard counts
+
+    def add_counts(
+        self, counts: dict[tuple[dt.date, str, str], int], senders: dict[tuple[dt.date, str], int]
+    ) -> None:
+        """Add a batch of per-day counts (daemons flush what they counted every minute)."""
+        with self.session() as session:
+            for (day, action, category), n in counts.items():
+                row = session.get(DailyCount, (day, action, category))
+                if row is None:
+                    session.add(DailyCount(day=day, action=action, category=category, count=n))
+                else:
+                    row.count += n
+            for (day, sender), n in senders.items():
+                found = session.get(SenderCount, (day, sender))
+                if found is None:
+                    session.add(SenderCount(day=day, sender=sender, count=n))
+                else:
+                    found.count += n
+
+    def daily_counts(self, since: dt.date) -> list[tuple[dt.date, str, str, int]]:
+        """(day, action, category, count) from `since` on; category "" is the message count."""
+        query = select(DailyCount.day, DailyCount.action, DailyCount.category, DailyCount.count).where(
+            DailyCount.day >= since
+        )
+        with self.session() as session:
+            return [(d, a, c, n) for d, a, c, n in session.execute(query.order_by(DailyCount.day))]
+
+    def top_senders(self, since: dt.date, limit: int = 10) -> list[tuple[str, int]]:
+        """Senders with the most refused or held messages since `since`."""
+        total = func.sum(SenderCount.count).label("total")
+        query = (
+            select(SenderCount.sender, total)
+            .where(SenderCount.day >= since)
+            .group_by(SenderCount.sender)
+            .order_by(total.desc(), SenderCount.sender)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return [(sender, int(n)) for sender, n in session.execute(query)]
 
     # ------------------------------------------------------------------- digests
 

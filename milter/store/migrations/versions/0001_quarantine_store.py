@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 03:01:20.046167
+Create Date: 2026-11-25
 """
 
 from __future__ import annotations
