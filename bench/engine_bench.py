@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from scanner_rules import rules_with_private_clamd  # noqa: E402
 from school_words import WORDS  # noqa: E402
 
 from milter.engine import scan  # noqa: E402
 from milter.envelope import Envelope  # noqa: E402
 from milter.policy.loader import Rules, load_rules  # noqa: E402
 from tests import samples  # noqa: E402
-from tests.clamd_harness import ClamdInstance, clamd_available  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"
 
@@ -122,18 +121,7 @@ def main() -> int:
 
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-bench-")))
-        rules_dir = work / "rules"
-        shutil.copytree(args.rules, rules_dir)
-        policy = rules_dir / "policy.yaml"
-        if clamd_available():
-            clamd = stack.enter_context(ClamdInstance(work / "clamd"))
-            address = f"clamd: {clamd.unix_address}"
-            text = policy.read_text().replace("clamd: unix:/run/clamav/clamd.ctl", address)
-            scanner = "a private clamd with the test signature database"
-        else:
-            text = policy.read_text().replace("\n  virus_scan:\n", "\n  virus_scan:\n    enabled: false\n", 1)
-            scanner = "OFF (clamd is not installed)"
-        policy.write_text(text)
+        rules_dir, scanner = rules_with_private_clamd(stack, work, Path(args.rules))
         return run(args, rules_dir, scanner)
 
 

@@ -24,6 +24,7 @@ and free loopback ports; it stops everything it starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from scanner_rules import rules_with_private_clamd  # noqa: E402
 from school_words import WORDS  # noqa: E402
 
 from tests.postfix_harness import (  # noqa: E402
@@ -148,6 +150,8 @@ class GatewayDaemon:
             # No metrics listener: its fixed port would clash with a gateway already
             # running on this machine (the local stack). --gateway-arg can turn it on.
             "--metrics=",
+            # Its own quarantine store, never the repository's var/.
+            f"--database=sqlite:///{workdir}/quarantine.db",
             *(extra_args or []),
         ]
         self.log = workdir / "gateway.log"
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="postfix-bench-"))
+    stack = contextlib.ExitStack()
     try:
         message = workdir / "school-mail.eml"
         if args.message:
@@ -332,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         port = free_port()
         (workdir / "milter").mkdir(parents=True, exist_ok=True)
-        daemon = GatewayDaemon(workdir / "milter", args.rules, port, args.gateway_arg)
+        rules, scanner = rules_with_private_clamd(stack, workdir / "milter", args.rules)
+        print(f"  virus scanning: {scanner}")
+        daemon = GatewayDaemon(workdir / "milter", rules, port, args.gateway_arg)
         try:
             daemon.start()
             gated = measure(
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ratio with/without: {ratio:.2f} ({verdict} the target of {TARGET_RATIO})")
         return 0
     finally:
+        stack.close()
         if args.keep:
             print(f"work directory kept: {workdir}")
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from milter.store import Store
 from tests.conftest import REPO, copy_rules
 from tests.mail import build
 from tests.test_milter_protocol import converse, negotiate
@@ -145,6 +146,11 @@ def test_reload_bad_rules_keeps_running_then_good_rules_apply(daemon: Daemon, ru
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_for_log("rules reloaded", count=2)
     assert daemon.send("fine", subject="WHO TOOK THE SCIENCE PROJECTOR AGAIN")[0] == "y"
+    # The change of rules is in the audit log once (not once per worker); the failed reload is not.
+    store = Store(f"sqlite:///{daemon.log_path.parent}/q.db")
+    changes = store.audit_entries(action="rules_change")
+    store.close()
+    assert len(changes) == 1 and changes[0].target == str(rules_copy)
 
 
 def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
