@@ -41,6 +41,8 @@ from milter.store.models import (
 # taken from a command line or a URL can never be anything else (no traversal, no SQL).
 ID_PATTERN = re.compile(r"^[A-Z0-9]{1,8}-[0-9A-Z]{4}-[0-9A-Z]{4}(?:-[0-9]+)?$")
 STATUSES = ("held", "releasing", "released", "deleted")
+# A release or an outbox mail claimed this long ago by a process that never finished it.
+STALE_CLAIM = dt.timedelta(minutes=15)
 _PERSONAL_SUBJECT = re.compile(r"\bpersonal\b", re.IGNORECASE)
 
 
@@ -518,13 +520,25 @@ class Store:
         *,
         via: str = "cli",
     ) -> ReleaseJob:
-        """Mark a held message as being released; only one caller ever gets it."""
+        """Mark a held message as being released; only one caller ever gets it.
+
+        A release whose process died mid-way (still "releasing" after STALE_CLAIM) can be
+        claimed again: the relay may or may not have taken it, and a duplicate is better
+        than a message stuck for ever; the audit log shows both attempts.
+        """
         check_id(message_id)
+        stale = _utc(utcnow() - STALE_CLAIM)
         with self.session() as session:
             claimed = _changed(
                 session,
                 update(HeldMessage)
-                .where(HeldMessage.id == message_id, HeldMessage.status == "held")
+                .where(
+                    HeldMessage.id == message_id,
+                    or_(
+                        HeldMessage.status == "held",
+                        (HeldMessage.status == "releasing") & (HeldMessage.status_at < stale),
+                    ),
+                )
                 .values(status="releasing", status_at=utcnow(), status_by=actor),
             )
             if not claimed:
@@ -801,10 +815,15 @@ class Store:
         """Take pending mail to send; a row claimed by one process is not taken by another."""
         items: list[OutboxItem] = []
         with self.session() as session:
+            # "sending" for longer than STALE_CLAIM: the process sending it died; try again.
+            stale = _utc(utcnow() - STALE_CLAIM)
+            claimable = (OutboxMail.status == "pending") | (
+                (OutboxMail.status == "sending") & (OutboxMail.claimed_at < stale)
+            )
             ids = list(
                 session.scalars(
                     select(OutboxMail.id)
-                    .where(OutboxMail.status == "pending", OutboxMail.attempts < max_attempts)
+                    .where(claimable, OutboxMail.attempts < max_attempts)
                     .order_by(OutboxMail.id)
                     .limit(limit)
                 )
@@ -813,8 +832,8 @@ class Store:
                 taken = _changed(
                     session,
                     update(OutboxMail)
-                    .where(OutboxMail.id == item_id, OutboxMail.status == "pending")
-                    .values(status="sending", attempts=OutboxMail.attempts + 1),
+                    .where(OutboxMail.id == item_id, claimable)
+                    .values(status="sending", attempts=OutboxMail.attempts + 1, claimed_at=utcnow()),
                 )
                 if taken:
                     row = session.get(OutboxMail, item_id)

@@ -1,4 +1,5 @@
-"""Web console accounts, sessions and sign-in failures; daily counts for the dashboard.
+"""Web console accounts, sessions and sign-in failures; daily counts for the dashboard;
+when an outbox mail was claimed (a sender that died leaves it to be retried).
 
 Revision ID: 0002
 Revises: 0001
@@ -17,6 +18,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True))
     op.create_table(
         "daily_count",
         sa.Column("day", sa.Date(), nullable=False),
@@ -76,6 +79,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_column("claimed_at")
     with op.batch_alter_table("web_session", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_web_session_user_id"))
 
