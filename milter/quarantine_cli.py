@@ -251,6 +251,8 @@ def cmd_list_add(args: argparse.Namespace) -> int:
 def cmd_lists(args: argparse.Namespace) -> int:
     store = _open(args)
     if args.decision:
+        if not (args.entry or "").isdigit():
+            raise StoreError(f"lists {args.decision} needs the entry's number (see `school-milter lists`)")
         entry_id = int(args.entry)
         if args.decision == "remove":
             store.remove_entry(entry_id, actor(args), args.reason or "")
