@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from milter import quarantine_cli
 
     quarantine_cli.add_commands(sub)
+    from milter.web import cli as web_cli
+
+    web_cli.add_commands(sub)
 
     p = sub.add_parser("check-rules", help="check a rules directory and report every problem")
     p.add_argument("directory", nargs="?", help="rules directory (default: --rules)")
