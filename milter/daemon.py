@@ -112,7 +112,9 @@ def rules_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decision_logger(metrics: Metrics | None, tally: Tally | None = None) -> Callable[[Decision], None]:
+def decision_logger(
+    metrics: Metrics | None, tally: Tally | None = None, rules: Callable[[], Rules] | None = None
+) -> Callable[[Decision], None]:
     def record(decision: Decision) -> None:
         fields: dict[str, object] = {
             "event": "decision",
@@ -136,7 +138,8 @@ def decision_logger(metrics: Metrics | None, tally: Tally | None = None) -> Call
             fields["error"] = decision.error
         log.info("decision", extra=fields)
         if metrics:
-            metrics.observe(decision)
+            scanning = rules is not None and rules().policy.detectors.virus_scan.enabled
+            metrics.observe(decision, virus_scanning=scanning)
         if tally:
             tally.add(decision)
 
@@ -214,7 +217,7 @@ async def _run_worker(
 
     holder = RulesHolder(settings.rules, rules, metrics, on_change)
     tally = Tally() if followup is not None else None
-    on_decision = decision_logger(metrics, tally)
+    on_decision = decision_logger(metrics, tally, holder.get)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloading: list[asyncio.Future[bool]] = []

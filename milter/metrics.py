@@ -54,14 +54,31 @@ class Metrics:
             registry=registry,
         )
 
-    def observe(self, decision: Decision) -> None:
+    def observe(self, decision: Decision, virus_scanning: bool = False) -> None:
         self.messages.labels(decision.action).inc()
         self.scan_seconds.observe(decision.scan_seconds)
         if decision.error:
             self.errors.labels(decision.error).inc()
         if decision.result:
-            for finding in decision.result.verdict.findings:
+            verdict = decision.result.verdict
+            for finding in verdict.findings:
                 self.findings.labels(finding.detector, finding.category).inc()
+            if virus_scanning:
+                self._clamd_health(decision)
+
+    def _clamd_health(self, decision: Decision) -> None:
+        """clamd's health as the last message that needed it saw it (the console shows this)."""
+        assert decision.result is not None
+        verdict = decision.result.verdict
+        down = "virus_scan" in verdict.failed_checks or any(
+            f.detector == "virus_scan" and f.category == "unscanned" and "down" in f.evidence
+            for f in verdict.findings
+        )
+        if down:
+            self.dependency_up.labels("clamd").set(0)
+        elif any(f.detector == "virus_scan" for f in verdict.findings) or decision.result.message.attachments:
+            # Mail with attachments goes to clamd; scanned without a failure means clamd answered.
+            self.dependency_up.labels("clamd").set(1)
 
 
 def serve_metrics(host: str, port: int, multiprocess_mode: bool) -> None:

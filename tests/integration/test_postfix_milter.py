@@ -222,5 +222,7 @@ def test_virus_refused_through_postfix_naming_signature(
         code, text = send_from_outside(mta, raw, OUTSIDER, [STAFF])
         assert code == 550 and SIGNATURE.encode() in text, text
         assert sink.messages == []
+        # The console's scanner health reads this: clamd answered.
+        assert 'school_milter_dependency_up{dependency="clamd"} 1.0' in daemon.metrics()
     finally:
         daemon.stop()
