@@ -13,6 +13,7 @@ from tests.conftest import REPO
 
 UNIT = REPO / "systemd" / "school-milter.service"
 DAILY = REPO / "systemd" / "school-milter-daily.service"
+WEB = REPO / "systemd" / "school-milter-web.service"
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
 )
@@ -31,7 +32,7 @@ def installed_copy(tmp_path: Path, unit: Path = UNIT) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("unit", [UNIT, DAILY], ids=["gateway", "daily"])
+@pytest.mark.parametrize("unit", [UNIT, DAILY, WEB], ids=["gateway", "daily", "web"])
 def test_verify_is_clean(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
         ["systemd-analyze", "verify", str(installed_copy(tmp_path, unit))],
@@ -43,7 +44,7 @@ def test_verify_is_clean(tmp_path: Path, unit: Path) -> None:
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("unit", [UNIT, DAILY], ids=["gateway", "daily"])
+@pytest.mark.parametrize("unit", [UNIT, DAILY, WEB], ids=["gateway", "daily", "web"])
 def test_security_exposure_is_low(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
         [
