@@ -127,6 +127,9 @@ class MilterSession:
         self.decoder = p.Decoder(max_packet=self.limits.max_packet)
         self.actions = 0
         self.protocol = 0
+        # Scanning and answering a message: what SIGTERM lets finish. A message still being
+        # transferred is cut off; the MTA tempfails it and the sender retries.
+        self.in_message = False
         self._reset_connection()
 
     def _reset_connection(self) -> None:
@@ -206,12 +209,17 @@ class MilterSession:
         elif isinstance(command, p.EndOfMessage):
             if command.data:
                 self._add_body(command.data)
-            await self._end_of_message()
+            self.in_message = True
+            try:
+                await self._end_of_message()
+            finally:
+                self.in_message = False
             self._reset_message()
-            return True
+            # Shutting down: this connection has had its answer; the MTA reconnects elsewhere.
+            return not self.server.stopping
         elif isinstance(command, p.Abort):
             self._reset_message()
-            return True
+            return not self.server.stopping
         elif isinstance(command, p.Quit):
             return False
         elif isinstance(command, p.QuitNewConnection):
@@ -482,7 +490,8 @@ class MilterServer:
         # Called (from a worker thread) when mail was queued in the outbox, to send it soon.
         self.outbox_waiting: Callable[[], None] | None = None
         self._server: asyncio.Server | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._sessions: dict[asyncio.Task[None], MilterSession] = {}
+        self.stopping = False
 
     def decided(self, decision: Decision) -> None:
         if self.on_decision:
@@ -516,14 +525,15 @@ class MilterServer:
             return
         self.active += 1
         task = asyncio.current_task()
+        session = MilterSession(reader, writer, self)
         if task:
-            self._sessions.add(task)
+            self._sessions[task] = session
         try:
-            await MilterSession(reader, writer, self).run()
+            await session.run()
         finally:
             self.active -= 1
             if task:
-                self._sessions.discard(task)
+                self._sessions.pop(task, None)
 
     async def start(self, sock: socket.socket) -> None:
         if sock.family == socket.AF_UNIX:
@@ -532,9 +542,18 @@ class MilterServer:
             self._server = await asyncio.start_server(self._connection, sock=sock)
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting; give messages in flight up to `grace` seconds to finish."""
+        """Stop accepting; give messages in flight up to `grace` seconds to finish.
+
+        A connection not scanning a message is closed at once (Postfix keeps them open for
+        whole SMTP sessions; a message cut off mid-transfer is tempfailed and retried); one
+        being scanned is closed once it has its answer.
+        """
+        self.stopping = True
         if self._server:
             self._server.close()
+        for task, session in list(self._sessions.items()):
+            if not session.in_message:
+                task.cancel()
         if self._sessions:
             _done, pending = await asyncio.wait(set(self._sessions), timeout=grace)
             for task in pending:

@@ -7,9 +7,11 @@ user can make end in one clear line: status 2 for configuration, 3 for the store
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,17 @@ def _settings(args: argparse.Namespace) -> Any:
     return load_web_settings(getattr(args, "config", None), overrides)
 
 
-def _store(args: argparse.Namespace) -> Any:
+@contextlib.contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Any]:
+    """The store for one command, closed when it ends (with SQLite, the last connection to
+    close checkpoints the write-ahead log into the database file)."""
     from milter.store.store import Store
 
-    return Store(_settings(args).database)
+    store = Store(_settings(args).database)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -79,9 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_user_add(args: argparse.Namespace) -> int:
     from milter.web.auth import create_account
 
-    store = _store(args)
-    password = None if args.sso_only else _read_password(args)
-    account = create_account(store, args.username, args.role, password, args.email or "", actor=_actor())
+    with _store(args) as store:
+        password = None if args.sso_only else _read_password(args)
+        account = create_account(store, args.username, args.role, password, args.email or "", actor=_actor())
     how = "single sign-on only" if password is None else "password"
     print(f"account {account.username} ({account.role}) created; signs in with {how}")
     return 0
@@ -90,8 +99,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_passwd(args: argparse.Namespace) -> int:
     from milter.web.auth import set_password
 
-    store = _store(args)
-    set_password(store, args.username, _read_password(args), actor=_actor())
+    with _store(args) as store:
+        set_password(store, args.username, _read_password(args), actor=_actor())
     print(f"password of {args.username} changed; its sessions ended")
     return 0
 
@@ -99,7 +108,8 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
 def cmd_user_disable(args: argparse.Namespace) -> int:
     from milter.web.auth import disable_account
 
-    disable_account(_store(args), args.username, actor=_actor())
+    with _store(args) as store:
+        disable_account(store, args.username, actor=_actor())
     print(f"account {args.username} disabled; its sessions ended")
     return 0
 
@@ -107,7 +117,8 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
 def cmd_user_list(args: argparse.Namespace) -> int:
     from milter.web.auth import accounts
 
-    rows = accounts(_store(args))
+    with _store(args) as store:
+        rows = accounts(store)
     if not rows:
         print("no console accounts (add one: school-milter web-user add NAME --role technician)")
         return 0

@@ -114,6 +114,7 @@ class Console:
         )
         env.filters["when"] = _when
         env.filters["size"] = display.human_size
+        env.filters["breakable"] = display.breakable
         env.globals["role_names"] = auth.ROLE_NAMES
         env.tests["message_id"] = lambda value: bool(ID_PATTERN.match(str(value)))
         self.templates = Jinja2Templates(env=env)

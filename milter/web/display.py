@@ -17,8 +17,10 @@ from typing import Any
 from urllib.parse import quote
 
 import nh3
+from markupsafe import Markup, escape
 
-from milter.message import Message
+from milter.message import _HUGE_TAG, MAX_PART_DEPTH, MAX_PARTS, TEXT_SCAN_LIMIT, Message, _decode_bytes
+from milter.textview import html_view
 
 # The most text a page shows; the rest is there in the download, not on screen.
 TEXT_LIMIT = 200_000
@@ -184,9 +186,83 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def _leaf_text(part: StdMessage) -> tuple[str, str] | None:
+    """(subtype, what a reader sees) of a body text part; None for anything else.
+
+    Decoded as milter.message decodes it for the detectors (same charset fallbacks); HTML
+    becomes its visible text.
+    """
+    if part.get_content_maintype() != "text":
+        return None
+    filename = Message._filename(part)
+    if Message._is_attachment(part, filename):
+        return None
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if not isinstance(data, bytes):
+        payload = part.get_payload()
+        data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        charset = None
+    text, _ = _decode_bytes(data[:TEXT_SCAN_LIMIT], charset)
+    subtype = part.get_content_subtype()
+    if subtype == "html":
+        text = html_view(_HUGE_TAG.sub(" ", text)).visible
+    return subtype, text
+
+
+def _shown_texts(root: StdMessage) -> list[str]:
+    """The body texts a mail client shows, in order: of each multipart/alternative only one
+    child, the text/plain one when it has text, else the HTML (or the part holding it).
+
+    Message.visible_text keeps every alternative (the detectors must see them all); shown
+    together they repeat the body.
+    """
+    budget = MAX_PARTS
+
+    def walk(part: StdMessage, depth: int) -> list[tuple[str, str]]:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            return []
+        payload = part.get_payload()
+        if part.is_multipart() and isinstance(payload, list):
+            if depth >= MAX_PART_DEPTH:
+                return []
+            children = [walk(p, depth + 1) for p in payload if isinstance(p, StdMessage)]
+            if part.get_content_type() != "multipart/alternative":
+                return [piece for child in children for piece in child]
+            filled = [c for c in children if any(text.strip() for _, text in c)]
+            for wanted in ("plain", "html"):
+                for child in filled:
+                    if child[0][0] == wanted:
+                        return child
+            return filled[-1] if filled else []  # RFC 2046: the last is the sender's preferred
+        leaf = _leaf_text(part)
+        return [leaf] if leaf else []
+
+    return [text for _, text in walk(root, 0) if text]
+
+
+def shown_text(raw: bytes, message: Message | None = None) -> str:
+    """The body as the console's text view shows it: one alternative of each multipart/
+    alternative. Falls back to every part (Message.visible_text) when the structure gives
+    nothing, so no text a detector saw is ever hidden from the reviewer."""
+    message = message or Message(raw)
+    try:
+        texts = _shown_texts(message._parsed)  # parsed once, as the detectors parse it
+    except Exception:
+        texts = []
+    return "\n".join(texts) if any(t.strip() for t in texts) else message.visible_text
+
+
 def text_view(raw: bytes) -> TextView:
     message = Message(raw)
-    visible, cut_visible = _clip(message.visible_text)
+    visible, cut_visible = _clip(shown_text(raw, message))
     hidden, cut_hidden = _clip(message.hidden_text)
     headers = []
     for name in SHOWN_HEADERS:
@@ -255,6 +331,17 @@ def download_name(name: str, number: int) -> str:
 def content_disposition(name: str) -> str:
     ascii_name = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\;' else "_" for ch in name)
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+# Where a long address or target may break: before "@" and ".", after ":" and "/".
+_BREAK = re.compile(r"(?<=.)(?=[@.])|(?<=[:/])(?=.)")
+
+
+def breakable(value: object) -> Markup:
+    """The value escaped, with a line-break opportunity (<wbr>) at each "@", "." ":" and "/":
+    a long address in a narrow column breaks at its parts, not mid-word. Copying the text
+    copies no extra characters."""
+    return Markup(_BREAK.sub("<wbr>", str(escape(str(value)))))
 
 
 def human_size(size: int) -> str:

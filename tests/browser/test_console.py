@@ -554,3 +554,43 @@ def test_screenshots_of_the_main_pages(web: Browser, size: str) -> None:
     page.goto("/audit")
     shot("audit")
     assert not watch.dialogs
+
+
+# ---------------------------------------------------------------------- layout
+
+# How far an element's content runs past its box, sideways (0 when it fits).
+OVERFLOW_X = "el => el.scrollWidth - el.clientWidth"
+
+
+def test_layout_fits_desktop_and_phone(web: Browser) -> None:
+    desktop, _ = web.page(DESKTOP)
+    login(desktop, "tech")
+    # The audit log fits its card at 1280 px: no sideways scrolling, nothing cut off.
+    desktop.goto("/audit")
+    expect(desktop.locator("table.audit")).to_be_visible()
+    assert desktop.locator("table.audit").locator("xpath=..").evaluate(OVERFLOW_X) <= 0
+    assert desktop.locator("section.table-card").evaluate(OVERFLOW_X) <= 0
+    # The filters start open on a wide screen.
+    desktop.goto("/quarantine")
+    expect(desktop.get_by_role("searchbox", name="Search")).to_be_visible()
+
+    phone, _ = web.page(PHONE, phone=True)
+    login(phone, "tech")
+    for path in ("/", "/quarantine", f"/quarantine/{OBSCENE}", "/lists", "/audit"):
+        phone.goto(path)
+        # The nav fits the width: every link on screen, none scrolled away.
+        assert phone.locator("nav.mainnav").evaluate(OVERFLOW_X) <= 0, path
+        for link in phone.locator("nav.mainnav a").all():
+            box = link.bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], path
+        assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], path
+    # The quarantine's filters fold away on a phone, so the first message is on the first screen.
+    phone.goto("/quarantine")
+    expect(phone.get_by_role("searchbox", name="Search")).to_be_hidden()
+    first = phone.locator("tr[data-id]").first.bounding_box()
+    assert first and first["y"] < PHONE["height"] - 200, first
+    phone.get_by_text("Search and filters").click()
+    expect(phone.get_by_role("searchbox", name="Search")).to_be_visible()
+    # ... and come open when a filter is set.
+    phone.goto("/quarantine?status=held")
+    expect(phone.get_by_role("combobox", name="Status")).to_be_visible()

@@ -319,3 +319,20 @@ def test_web_user_commands(tmp_path: Path) -> None:
     }
     code, _, err = run_cli(["web-user", "list", "--config", str(tmp_path / "missing.toml")])
     assert code == 2 and "cannot read" in err
+
+
+def test_web_user_commands_close_the_store(tmp_path: Path) -> None:
+    """Each command closes what it opened: with SQLite the last connection to close writes the
+    log into the database file, so no -wal file is left behind (and no connection stays open)."""
+    database = f"sqlite:///{tmp_path}/q.db"
+    wal = tmp_path / "q.db-wal"
+    commands: list[tuple[list[str], str]] = [
+        (["add", "dave", "--role", "technician", "--password-stdin"], "a long enough password\n"),
+        (["passwd", "dave", "--password-stdin"], "another long password\n"),
+        (["list"], ""),
+        (["disable", "dave"], ""),
+        (["disable", "nobody"], ""),  # an error a user can make closes the store too
+    ]
+    for argv, stdin in commands:
+        run_cli(["web-user", *argv, "--database", database], stdin=stdin)
+        assert not wal.exists(), f"web-user {argv[0]} left {wal.name} behind"

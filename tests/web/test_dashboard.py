@@ -71,7 +71,9 @@ def test_the_dashboard_draws_inline_svg_charts(tech: Any, store: Store, held: He
     page = tech.get("/")
     assert page.status_code == 200
     text = page.text
-    assert text.count('<svg class="columns"') == 1
+    # Every message per day, then the held and refused on a scale of their own.
+    assert text.count('<svg class="columns"') == 2
+    assert "Held or refused per day" in text
     assert re.search(r'<rect class="a-accept" x="[\d.]+" y="[\d.]+" width="[\d.]+" height="[\d.]+"', text)
     assert '<rect class="a-quarantine"' in text and '<rect class="a-reject"' in text
     assert "74 messages" in text  # 48 today + 26 yesterday
@@ -134,7 +136,48 @@ def test_column_chart_geometry() -> None:
     assert chart.total == 15
     assert [h for h in chart.table_head] == ["Day", "accept", "quarantine", "reject", "Total"]
     assert chart.table_rows[-1] == ("2026-11-25", "9", "0", "1", "10")
-    assert [g.label for g in chart.grid] == ["0", "5", "10"]
+    # A tick every 2 up to 10 (the peak), a 0 on the baseline.
+    assert [g.label for g in chart.grid] == ["0", "2", "4", "6", "8", "10"]
+    baseline, top = chart.grid[0].y, chart.grid[-1].y
+    assert baseline > top
     tallest = max(r.h for r in chart.rects if r.cls == "a-accept")
-    assert tallest == pytest.approx((262 - 40) * 9 / 10, abs=0.1)
-    assert charts.nice_ceiling(0) == 1 and charts.nice_ceiling(7) == 10 and charts.nice_ceiling(130) == 200
+    assert tallest == pytest.approx((baseline - top) * 9 / 10, abs=0.1)
+    # The labels sit in a gutter no bar reaches.
+    assert all(r.x >= chart.plot_left and r.x + r.w <= chart.plot_right for r in chart.rects)
+    # The held and refused on their own scale, with each day's number over its column.
+    assert chart.held is not None
+    assert {r.cls for r in chart.held.rects} == {"a-quarantine", "a-reject"}
+    assert [g.label for g in chart.held.grid] == ["0", "5"]
+    assert [v.text for v in chart.held.values] == ["5", "0", "0", "0", "0", "0", "1"]
+    assert chart.held.plot_left == chart.plot_left  # the columns of both stand one above the other
+    # On a phone, each day's held and refused are numbers under its bar.
+    assert chart.day_bars[0].notes == (("a-quarantine", "quarantine", 0), ("a-reject", "reject", 1))
+
+
+@pytest.mark.parametrize(
+    ("peak", "step", "top"),
+    [
+        (0, 1, 1),
+        (1, 1, 1),
+        (7, 2, 8),
+        (10, 2, 10),
+        (130, 25, 150),
+        (926, 200, 1000),
+        (1060, 200, 1200),  # not 2000: the top tick just above the peak
+        (13_987, 2500, 15_000),
+    ],
+)
+def test_nice_axis_steps(peak: int, step: int, top: int) -> None:
+    assert charts.nice_scale(peak) == (step, top)
+    assert top >= peak and top - step < max(peak, 1)
+
+
+def test_the_gutter_holds_the_longest_label() -> None:
+    today = dt.date(2026, 11, 25)
+    small = charts.per_day_by_action([(today, "accept", "", 9)], today, today)
+    large = charts.per_day_by_action([(today, "accept", "", 1060)], today, today)
+    assert large.grid[-1].label == "1200"
+    assert large.plot_left > small.plot_left
+    # Right-aligned 10 units left of the plot, at most 14 units a digit (the largest text).
+    assert large.plot_left - 10 >= 14 * len("1200") - 6
+    assert large.held is None  # nothing held or refused: no second chart

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
+from milter.message import Message
 from milter.store import Store
 from milter.web import views
-from milter.web.display import content_disposition, download_name, sanitize_html
+from milter.web.display import content_disposition, download_name, sanitize_html, text_view
 from milter.web.security import MAIL_HTML_CSP
-from tests.web.conftest import Held, signed_in, token
+from tests.mail import build
+from tests.web.conftest import Held, hold, signed_in, token
 
 
 class Elements(HTMLParser):
@@ -227,3 +229,98 @@ def test_sanitize_removes_every_remote_reference() -> None:
     assert "x.example" not in cleaned
     assert "svg+xml" not in cleaned
     assert '<p style="color:red">p</p>' in cleaned
+
+
+def _mime(parts: list[tuple[str, str]], subtype: str) -> bytes:
+    """A hand-made multipart body: (content type, text) per part."""
+    boundary = f"=={subtype}=="
+    lines = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"', ""]
+    for ctype, text in parts:
+        lines += [f"--{boundary}", f"Content-Type: {ctype}", "", text]
+    return "\n".join([*lines, f"--{boundary}--", ""]).encode()
+
+
+ALTERNATIVE = build(
+    body="Mr Hughes,\n\nThe PLAIN part of the message.\n",
+    html="<p>Mr Hughes,</p><p>The <b>HTML</b> part of the message.</p>"
+    '<p style="display:none">HIDDEN-IN-HTML</p><a href="https://x.example/a">a link</a>',
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown", "not_shown"),
+    [
+        # multipart/alternative: the plain part only, once.
+        (ALTERNATIVE, ["The PLAIN part of the message."], ["HTML part"]),
+        # An HTML-only message: its visible text.
+        (build(body=None, html="<p>Only <i>HTML</i> here</p>"), ["Only HTML here"], []),
+        # An empty plain alternative: the HTML's text instead.
+        (build(body="\n", html="<p>The real text</p>"), ["The real text"], []),
+        # Plain, then HTML with inline images (multipart/related): still the plain part.
+        (
+            b"From: a@b.example\nMIME-Version: 1.0\n"
+            + _mime(
+                [
+                    ("text/plain", "PLAIN-ALT"),
+                    (
+                        'multipart/related; boundary="rel"',
+                        "--rel\nContent-Type: text/html\n\n<p>HTML-ALT</p>\n--rel--",
+                    ),
+                ],
+                "alternative",
+            ),
+            ["PLAIN-ALT"],
+            ["HTML-ALT"],
+        ),
+        # HTML and a calendar invitation, no plain part: the HTML, not the calendar.
+        (
+            b"From: a@b.example\nMIME-Version: 1.0\n"
+            + _mime(
+                [("text/html", "<p>HTML-INVITE</p>"), ("text/calendar", "BEGIN:VCALENDAR")], "alternative"
+            ),
+            ["HTML-INVITE"],
+            ["VCALENDAR"],
+        ),
+        # multipart/mixed is not a choice: every body part shows, in order.
+        (
+            b"From: a@b.example\nMIME-Version: 1.0\n"
+            + _mime([("text/plain", "FIRST-PART"), ("text/html", "<p>SECOND-PART</p>")], "mixed"),
+            ["FIRST-PART", "SECOND-PART"],
+            [],
+        ),
+    ],
+    ids=["alternative", "html-only", "empty-plain", "related-html", "calendar", "mixed"],
+)
+def test_the_text_view_shows_one_alternative(raw: bytes, shown: list[str], not_shown: list[str]) -> None:
+    view = text_view(raw)
+    for text in shown:
+        assert view.visible.count(text) == 1, (text, view.visible)
+    for text in not_shown:
+        assert text not in view.visible, (text, view.visible)
+        assert text in Message(raw).visible_text  # the detectors still see every part
+
+
+def test_the_text_view_keeps_the_html_signals_of_a_skipped_alternative() -> None:
+    view = text_view(ALTERNATIVE)
+    assert view.visible.count("Mr Hughes,") == 1
+    assert "HIDDEN-IN-HTML" in view.hidden and "HIDDEN-IN-HTML" not in view.visible
+    assert ("https://x.example/a", "a link") in view.links
+    assert view.has_html
+
+
+def test_an_opened_alternative_message_shows_its_text_once(tech: Any, store: Store) -> None:
+    message_id = hold(
+        store,
+        "RB-ALT0-0006",
+        ALTERNATIVE,
+        sender="parent@outside.example",
+        rcpt=("j.hughes@redborne.example",),
+        findings=[],
+        subject="Both parts",
+    )
+    opened = tech.post(f"/quarantine/{message_id}/open", data={"csrf_token": token(tech), "reason": "check"})
+    assert opened.status_code == 200
+    text = re.search(r'<pre class="mailtext">(.*?)</pre>', opened.text, re.S)
+    assert text, opened.text
+    assert text.group(1).count("Mr Hughes,") == 1
+    assert "The PLAIN part of the message." in text.group(1) and "HTML" not in text.group(1)

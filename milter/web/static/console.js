@@ -1,8 +1,14 @@
 // Progressive enhancement only: every page works without this file.
-// "Select all" for the quarantine table's checkboxes.
 (function () {
   "use strict";
   document.addEventListener("DOMContentLoaded", function () {
+    // Filters fold away on a phone (the list comes first); on a wider screen they start open.
+    if (window.matchMedia && window.matchMedia("(min-width: 721px)").matches) {
+      document.querySelectorAll("details[data-open-wide]").forEach(function (box) {
+        box.open = true;
+      });
+    }
+    // "Select all" for the quarantine table's checkboxes.
     document.querySelectorAll("[data-select-all]").forEach(function (box) {
       var name = box.getAttribute("data-select-all");
       var form = box.form;
