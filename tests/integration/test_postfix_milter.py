@@ -133,17 +133,27 @@ def test_parent_mailing_fixed_by_rule(
         daemon.stop()
 
 
-def test_received_obscene_mail_is_held(mta: PostfixInstance, sink: SmtpSink) -> None:
-    raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
-    code, _ = send_from_outside(mta, raw, "prize@spam.example", ["a.patel@redborne.example"])
-    assert code == 250  # accepted into Postfix's hold queue: the sender learns nothing
-    deadline = time.monotonic() + 10
-    while not mta.hold_queue() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    (held,) = mta.hold_queue()
-    assert held.sender == "prize@spam.example"
-    time.sleep(0.5)
-    assert sink.messages == []
+def test_without_a_store_received_obscene_mail_goes_to_the_hold_queue(
+    rules_copy: Path, tmp_path: Path, postfix_factory: PostfixFactory, sink: SmtpSink
+) -> None:
+    # With `database = ""` the protocol's quarantine action is used: Postfix's hold queue.
+    # (With the store, the default, see tests/integration/test_quarantine_postfix.py.)
+    (tmp_path / "nostore").mkdir()
+    daemon = Daemon(rules_copy, tmp_path / "nostore", "--database=")
+    try:
+        mta = postfix_factory(milter=f"inet:127.0.0.1:{daemon.port}", extra_main_cf=XCLIENT)
+        raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
+        code, _ = send_from_outside(mta, raw, "prize@spam.example", ["a.patel@redborne.example"])
+        assert code == 250  # accepted into Postfix's hold queue: the sender learns nothing
+        deadline = time.monotonic() + 10
+        while not mta.hold_queue() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (held,) = mta.hold_queue()
+        assert held.sender == "prize@spam.example"
+        time.sleep(0.5)
+        assert sink.messages == []
+    finally:
+        daemon.stop()
 
 
 def test_gateway_down_means_4xx_then_delivery(mta: PostfixInstance, gateway: Daemon, sink: SmtpSink) -> None:
