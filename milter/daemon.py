@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,30 +171,41 @@ def _open_followup(settings: Settings) -> FollowUp | None:
     return FollowUp(store, relay, console_url=settings.console_url or None)
 
 
-async def _flush_tally(tally: Tally, followup: FollowUp, interval: float = 60.0) -> None:
+async def _pause(events: list[asyncio.Event], seconds: float) -> None:
+    """Wait until one of the events is set or the time is up."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _flush_tally(tally: Tally, followup: FollowUp, stop: asyncio.Event, interval: float = 60.0) -> None:
     """The dashboard's per-day counts, written once a minute (and once more on the way out)."""
     loop = asyncio.get_running_loop()
-    try:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await loop.run_in_executor(None, tally.flush, followup.store)
-            except Exception as exc:
-                log.warning("could not write the dashboard counts: %s", type(exc).__name__)
-    finally:
-        with contextlib.suppress(Exception):
-            tally.flush(followup.store)
+    while not stop.is_set():
+        await _pause([stop], interval)
+        try:
+            await loop.run_in_executor(None, tally.flush, followup.store)
+        except Exception as exc:
+            log.warning("could not write the dashboard counts: %s", type(exc).__name__)
 
 
-async def _deliver_outbox(followup: FollowUp, interval: float, wake: asyncio.Event) -> None:
-    """Send queued guidance and alerts soon after they are queued, and retry failures."""
+async def _deliver_outbox(
+    followup: FollowUp, interval: float, wake: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Send queued guidance and alerts soon after they are queued, and retry failures.
+
+    The loops end when `stop` is set rather than by cancellation, which asyncio.wait_for
+    can swallow on Python 3.11 and leave a worker running after SIGTERM.
+    """
     loop = asyncio.get_running_loop()
-    while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), interval)
+    while not stop.is_set():
+        await _pause([wake, stop], interval)
         wake.clear()
         try:
-            sent, failed = await loop.run_in_executor(None, followup.deliver_outbox)
+            sent, failed = await loop.run_in_executor(None, followup.deliver_outbox, 10.0)
         except Exception as exc:
             log.error("outbox delivery failed: %s", type(exc).__name__)
             continue
@@ -238,9 +250,9 @@ async def _run_worker(
         await milter_server.start(milter_sock)
     outbox_task = tally_task = None
     if followup is not None and tally is not None:
-        tally_task = asyncio.create_task(_flush_tally(tally, followup))
+        tally_task = asyncio.create_task(_flush_tally(tally, followup, stop))
         wake = asyncio.Event()
-        outbox_task = asyncio.create_task(_deliver_outbox(followup, settings.outbox_interval, wake))
+        outbox_task = asyncio.create_task(_deliver_outbox(followup, settings.outbox_interval, wake, stop))
         if milter_server:
 
             def nudge() -> None:
@@ -276,17 +288,32 @@ async def _run_worker(
     log.info("worker ready", extra={"event": "ready", "pid": os.getpid()})
     await stop.wait()
     log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
+    _exit_if_stuck(settings.shutdown_grace + 15)
     if milter_server:
         await milter_server.stop(settings.shutdown_grace)
     if smtp_gateway:
         await smtp_gateway.stop()
-    for task in (outbox_task, tally_task):
-        if task:
+    background = [t for t in (outbox_task, tally_task) if t]
+    if background:
+        # They see `stop` and end after their current round (a last count flush included).
+        _done, pending = await asyncio.wait(background, timeout=15)
+        for task in pending:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
     if followup:
         followup.store.close()
+
+
+def _exit_if_stuck(seconds: float) -> None:
+    """After SIGTERM, leave within `seconds` whatever happens: a stop that hangs must not
+    leave a worker holding the socket (systemd would SIGKILL it later, a test harness not)."""
+
+    def leave() -> None:
+        log.error("stopping took longer than %.0f s: exiting now", seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def _worker_main(
