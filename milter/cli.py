@@ -159,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "metrics": args.metrics,
         "spool": args.spool,
         "database": args.database,
+        "inline_scan_bytes": args.inline_scan_bytes,
         "reinject": args.reinject,
         "log_level": args.log_level,
     }
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reinject", help="HOST:PORT of the MTA listener without milter (releases, guidance, alerts)"
     )
+    p.add_argument("--inline-scan-bytes", type=int, help="scan messages up to this size on the loop thread")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

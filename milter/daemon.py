@@ -154,6 +154,7 @@ def _limits(settings: Settings) -> ServerLimits:
         scan_timeout=settings.scan_timeout,
         progress_interval=settings.progress_interval,
         max_message_bytes=settings.max_message_bytes,
+        inline_scan_bytes=settings.inline_scan_bytes,
     )
 
 

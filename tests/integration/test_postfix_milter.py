@@ -232,7 +232,11 @@ def test_virus_refused_through_postfix_naming_signature(
         code, text = send_from_outside(mta, raw, OUTSIDER, [STAFF])
         assert code == 550 and SIGNATURE.encode() in text, text
         assert sink.messages == []
-        # The console's scanner health reads this: clamd answered.
+        # The console's scanner health reads this: clamd answered. (The decision is recorded
+        # just after the reply, so the metric may lag the 550 by a moment.)
+        deadline = time.monotonic() + 5
+        while 'dependency="clamd"} 1.0' not in daemon.metrics() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert 'school_milter_dependency_up{dependency="clamd"} 1.0' in daemon.metrics()
     finally:
         daemon.stop()
