@@ -27,7 +27,7 @@ import threading
 import unicodedata
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
 from typing import Any
 
 import magic
@@ -250,13 +250,66 @@ _BLANK_LOOKING = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u2028\u2029\u18
 _LOOKALIKE_SCRIPTS = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "LISU")
 
 
-@dataclass(frozen=True)
 class FileType:
-    """What a blob is, from its content."""
+    """What a blob is, from its content. A value, as a frozen dataclass of the three would be.
 
-    mime: str  # from content, e.g. "application/x-dosexec"
-    description: str  # libmagic's text, e.g. "PE32 executable (GUI) Intel 80386, for MS Windows"
-    kind: str  # one of KINDS
+    mime: from content, e.g. "application/x-dosexec"
+    description: libmagic's text, e.g. "PE32 executable (GUI) Intel 80386, for MS Windows"
+    kind: one of KINDS
+
+    `identify` may leave the description for libmagic to work out on first use, when the kind
+    does not depend on it: it is a second pass over libmagic's database, as costly as the MIME
+    type, and the scan itself seldom reads it.
+    """
+
+    __slots__ = ("_description", "_sample", "kind", "mime")
+    mime: str
+    kind: str
+    _description: str | None  # None: not looked up yet
+    _sample: bytes  # what it is looked up from
+
+    def __init__(self, mime: str, description: str, kind: str) -> None:
+        object.__setattr__(self, "mime", mime)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "_description", description)
+        object.__setattr__(self, "_sample", b"")
+
+    @classmethod
+    def _described_later(cls, mime: str, kind: str, sample: bytes) -> FileType:
+        filetype = cls(mime, "", kind)
+        object.__setattr__(filetype, "_description", None)
+        object.__setattr__(filetype, "_sample", sample)
+        return filetype
+
+    @property
+    def description(self) -> str:
+        description = self._description
+        if description is None:
+            description = _describe(self._sample)
+            object.__setattr__(self, "_description", description)
+            object.__setattr__(self, "_sample", b"")
+        return description
+
+    def _fields(self) -> tuple[str, str, str]:
+        return self.mime, self.description, self.kind
+
+    def __eq__(self, other: object) -> bool:
+        return self._fields() == other._fields() if isinstance(other, FileType) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"FileType(mime={self.mime!r}, description={self.description!r}, kind={self.kind!r})"
+
+    def __reduce__(self) -> tuple[type[FileType], tuple[str, str, str]]:
+        return FileType, self._fields()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
 @dataclass(frozen=True)
@@ -283,19 +336,39 @@ def _magic_pair() -> tuple[magic.Magic, magic.Magic]:
     return pair
 
 
-def _libmagic(data: bytes) -> tuple[str, str]:
+# MIME types whose description cannot change the kind, so that `identify` leaves it to be
+# looked up only if read. In libmagic's database (checked against file 5.44) each entry that
+# gives one of these types has both on its first line ("PDF document", "PNG image data"), so
+# both lookups stop at that entry, and its description adds nothing from the file but numbers:
+# none of the description tests in _kind_from_content can succeed on it.
+_SELF_DESCRIBED_MIMES = frozenset({"application/pdf", "image/png"})
+
+
+def _libmagic(data: bytes) -> tuple[str, str | None]:
+    """The MIME type and description of `data`; None for a description left for later."""
     if not data:
         return "application/x-empty", "empty"
     sample = data[:MAGIC_SAMPLE]
     mime_magic, text_magic = _magic_pair()
     try:
-        mime = mime_magic.from_buffer(sample)
+        mime = mime_magic.from_buffer(sample).strip().lower() or "application/octet-stream"
+        if mime in _SELF_DESCRIBED_MIMES:
+            return mime, None
         description = text_magic.from_buffer(sample)
     except Exception:
         # libmagic reports its own failures as exceptions (e.g. a corrupt magic database);
         # "unknown" is the honest answer and keeps the scan going.
         return "application/octet-stream", "data"
-    return mime.strip().lower() or "application/octet-stream", description.strip() or "data"
+    return mime, description.strip() or "data"
+
+
+def _describe(sample: bytes) -> str:
+    """libmagic's description, looked up late (see FileType)."""
+    try:
+        description = _magic_pair()[1].from_buffer(sample)
+    except Exception:
+        return "data"  # as in _libmagic
+    return description.strip() or "data"
 
 
 # --- classification -----------------------------------------------------------------------------
@@ -412,10 +485,13 @@ def _refine_with_extension(kind: str, mime: str, extension: str) -> str:
 def identify(data: bytes, filename: str = "") -> FileType:
     """The true type of `data`, from its content; `filename` only fills in what content cannot tell."""
     mime, description = _libmagic(data)
-    kind = _kind_from_content(mime, description, data)
+    # No description: one that cannot change the kind (see _SELF_DESCRIBED_MIMES).
+    kind = _kind_from_content(mime, description or "", data)
     kind = _refine_with_extension(kind, mime, _extension(_basename(filename)))
     if kind == "office" and (has_vba_macros(data) or _odf_has_macros(data)):
         kind = "office_macro"
+    if description is None:
+        return FileType._described_later(mime, kind, data[:MAGIC_SAMPLE])
     return FileType(mime=mime, description=description, kind=kind)
 
 
@@ -587,6 +663,8 @@ def name_problems(filename: str, filetype: FileType) -> list[NameProblem]:
 
 def _lookalike_characters(name: str) -> list[str]:
     """Characters that pass for Latin letters, digits or dots where Latin is expected."""
+    if name.isascii():
+        return []  # only non-ASCII characters are ever reported; most names have none
     found: list[str] = []
     extension = _extension(name)
     for word in re.findall(r"\w+|[^\w\s]", name):

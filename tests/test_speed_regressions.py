@@ -1,0 +1,293 @@
+"""The faster forms chosen for the scanning engine's hot paths give the same answers as the plain ones.
+
+Each fast path here stands in for a simpler formulation (a stdlib call, a regular expression over
+the text, an eager libmagic call); these tests hold them to that formulation on ordinary, hostile
+and random input.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import random
+import re
+from email import policy
+from email.message import Message as StdMessage
+from email.parser import BytesParser
+
+import pytest
+
+from milter import filetypes, message, normalize
+from milter.detectors import shouting
+from milter.filetypes import FileType, identify
+from milter.textview import html_view
+from tests import samples
+
+# --- message: the stdlib parser without a regex compile per boundary ---------------------------
+
+
+def shape(part: StdMessage) -> object:
+    """Everything the parser decided about a message tree."""
+    payload = part._payload  # type: ignore[attr-defined]
+    return (
+        list(part.raw_items()),
+        [type(d).__name__ for d in part.defects],
+        part.preamble,
+        part.epilogue,
+        [shape(p) for p in payload] if isinstance(payload, list) else payload,
+    )
+
+
+def multipart(boundary: str, nl: str, *, after_separator: str = "", close: str | None = "--") -> bytes:
+    lines = [f'Content-Type: multipart/mixed; boundary="{boundary}"', "", "preamble"]
+    for i in range(2):
+        lines += [f"--{boundary}{after_separator}", "Content-Type: text/plain", "", f"part {i}", ""]
+    lines += [f"--{boundary}-not-a-boundary", "still part 1"]
+    if close is not None:
+        lines += [f"--{boundary}{close}", "epilogue"]
+    return nl.join(lines).encode("utf-8", "surrogateescape")
+
+
+BOUNDARIES = [
+    "simple",
+    "=_Part_1.2",
+    "a b c",
+    "x.y+z(1)*?",
+    "weird$^[]{}|\\",
+    "--dash--",
+    "tab\there",
+    "é8bit",
+]
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("nl", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize(
+    ("after_separator", "close"),
+    [("", "--"), ("  \t", "-- "), (" trailing words", "--"), ("", None), ("--", "--\t")],
+)
+def test_parse_gives_the_stdlib_tree(boundary: str, nl: str, after_separator: str, close: str | None) -> None:
+    raw = multipart(boundary, nl, after_separator=after_separator, close=close)
+    assert shape(message._parse(raw)) == shape(BytesParser(policy=policy.compat32).parsebytes(raw))
+
+
+def test_parse_gives_the_stdlib_tree_for_nested_and_chunk_straddling_messages() -> None:
+    nested = (
+        b'Content-Type: multipart/mixed; boundary="outer"\n\n--outer\n'
+        b'Content-Type: multipart/alternative; boundary="inner"\n\n--inner\n\ntext\n'
+        b"--outer\n\nouter boundary closes the inner part\n--outer--\n"
+    )
+    raws = [nested]
+    # A CRLF split across the stdlib's 8192-character feeds.
+    for size in range(8170, 8200):
+        raws.append(
+            b'Content-Type: multipart/mixed; boundary="q"\r\n\r\n--q\r\n\r\n' + b"A" * size + b"\r\n--q--\r\n"
+        )
+    for raw in raws:
+        assert shape(message._parse(raw)) == shape(BytesParser(policy=policy.compat32).parsebytes(raw))
+
+
+def test_boundary_patterns_are_matched_without_compiling_and_others_are_compiled() -> None:
+    separator = "--===============5474659626910129399=="
+    stdlib_pattern = (
+        "(?P<sep>" + re.escape(separator) + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+    )
+    fast = message._compile(stdlib_pattern)
+    slow = re.compile(stdlib_pattern)
+    assert isinstance(fast, message._BoundaryPattern)
+    for line in [
+        separator,
+        separator + "\n",
+        separator + "--\r\n",
+        separator + " \t\r",
+        separator + "x\n",
+        "x",
+    ]:
+        got, want = fast.match(line), slow.match(line)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got is not None
+            assert (got.group("end"), got.group("linesep")) == (want.group("end"), want.group("linesep"))
+    assert isinstance(message._compile(r"(?P<sep>a|b)"), re.Pattern)
+
+
+# --- textview: per-render memo of element state, control characters -----------------------------
+
+
+def test_same_attributes_under_different_parents_get_their_own_state() -> None:
+    view = html_view(
+        '<div style="display:none"><p style="color:red">gone</p></div><p style="color:red">shown</p>'
+        '<div style="font-size:0"><a href="x">tiny link</a></div><a href="y">plain link</a>'
+    )
+    assert view.visible == "shown\nplain link"
+    assert view.hidden == "gone\ntiny link"
+    # A link's text is what the reader sees on it: none for the hidden one.
+    assert [(link.href, link.text) for link in view.links] == [("x", ""), ("y", "plain link")]
+
+
+def test_style_sheet_classes_and_ids_are_part_of_an_elements_state() -> None:
+    view = html_view(
+        "<style>.h{display:none} #v{visibility:hidden}</style>"
+        '<p class="h" style="color:red">one</p><p class="k" style="color:red">two</p>'
+        '<p id="v" style="color:red">three</p><p id="w" style="color:red">four</p>'
+    )
+    assert view.visible == "two\nfour"
+    assert view.hidden == "one\nthree"
+
+
+@pytest.mark.parametrize(
+    ("html", "expected"),
+    [("s\x00h\x0bi\x7ft", "shit"), ("é\x01x\x1f", "éx"), ("a\x0cb\rc", "a b c"), ("\x08", "")],
+)
+def test_control_characters_are_dropped_from_ascii_and_other_text_alike(html: str, expected: str) -> None:
+    assert html_view(html).visible == expected
+
+
+# --- shouting: the two-capitals-words search over letter classes ----------------------------------
+
+
+def test_two_caps_words_search_over_classes_matches_the_regex() -> None:
+    rng = random.Random(11)
+    alphabet = ["A", "B", "Z", "a", "z", "'", "’", " ", ".", "\n", "1", "é", "É", "😀", "\udcff", "ß"]
+    texts = ["", "HELLO WORLD", "HELLO world", "O'NEIL SAYS", "McDONALD SAID", "DON’T SHOUT", "A B C"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20_000)]
+    for text in texts:
+        assert shouting._has_two_caps_words(text) == bool(shouting._TWO_CAPS_WORDS.search(text)), repr(text)
+
+
+# --- normalize: rare spots found over classes and a big-integer comparison ----------------------
+
+
+def reference_rare_positions(folded: str, stream: str) -> list[int]:
+    positions = [m.start() for m in normalize._SYMBOL.finditer(folded)]
+    positions.extend(m.start() for m in normalize._BANG.finditer(folded))
+    positions.extend(m.start() for m in normalize._DIGIT_LETTER.finditer(folded))
+    if any(m.group(1).isalpha() for m in normalize._ANY_RUN3.finditer(stream)):
+        positions.extend(m.start() for m in normalize._RUN3.finditer(folded))
+    return sorted(positions)
+
+
+def test_rare_positions_match_the_regular_expressions_over_the_text() -> None:
+    rng = random.Random(5)
+    pieces = [
+        "a",
+        "b",
+        "s",
+        "d",
+        "1",
+        "0",
+        "9",
+        "@",
+        "$",
+        "|",
+        "+",
+        "*",
+        "#",
+        "%",
+        "!",
+        " ",
+        ".",
+        "aaa",
+        "000",
+    ]
+    texts = ["", "sh1t", "f**k", "fuuuck", "10am 3rd", "aa a", "$100", "f.u.c.k", "x" * 3]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 15))) for _ in range(20_000)]
+    for text in texts:
+        folded = normalize._fold(text)[0]
+        stream = normalize._stream(folded)
+        assert normalize._rare_positions(folded, stream) == reference_rare_positions(folded, stream), text
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [(" ", False), ("", False), (" aaa ", True), (" baaa ", True), (" 000 ", False), (" aa a ", False)],
+)
+def test_letter_run_of_three(stream: str, expected: bool) -> None:
+    assert normalize._has_letter_run3(stream) is expected
+
+
+def test_letter_runs_on_long_streams_are_found_anywhere() -> None:
+    body = " ".join(["abc"] * 50_000)
+    assert not normalize._has_letter_run3(f" {body} ")
+    for at in (1, len(body) // 2, len(body) - 2):
+        assert normalize._has_letter_run3(f" {body[:at]}zzz{body[at:]} ")
+
+
+# --- filetypes: a description that cannot change the kind is looked up on first use -------------
+
+
+def libmagic_description(data: bytes) -> str:
+    return str(filetypes._magic_pair()[1].from_buffer(data[: filetypes.MAGIC_SAMPLE])).strip() or "data"
+
+
+HOSTILE_WORDS = b" PE32 MS-DOS executable ELF MSI Installer ISO 9660 NTFS VMware DOS batch file /Count 12 "
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        samples.pdf(),
+        samples.pdf(password="secret"),
+        samples.png(),
+        b"%PDF-1.7\n" + HOSTILE_WORDS * 3 + b"\n%%EOF\n",
+        samples.png()[:30] + HOSTILE_WORDS,
+    ],
+    ids=["pdf", "encrypted-pdf", "png", "pdf-with-words", "png-with-words"],
+)
+def test_a_description_left_for_later_could_not_have_changed_the_kind(data: bytes) -> None:
+    filetype = identify(data, "file.dat")
+    assert filetype.mime in filetypes._SELF_DESCRIBED_MIMES
+    description = libmagic_description(data)
+    assert filetypes._kind_from_content(filetype.mime, description, data) == filetype.kind
+    assert filetype.description == description
+
+
+SAMPLES = {
+    "pe": samples.pe_exe(),
+    "elf": samples.elf_exe(),
+    "macho": samples.macho_exe(),
+    "lnk": samples.lnk_shortcut(),
+    "vhd": samples.vhd_image(),
+    "vhdx": samples.vhdx_image(),
+    "iso": samples.iso_image([("a.txt", b"hello")]),
+    "msi": samples.msi_like(),
+    "doc-macros": samples.doc_with_macros(),
+    "docx": samples.docx(),
+    "jar": samples.jar(),
+    "zip": samples.zip_of([("a.txt", "hello")]),
+    "pdf": samples.pdf(),
+    "png": samples.png(),
+    "batch": b"@echo off\r\ndel /q C:\\*\r\n",
+    "registry": b"Windows Registry Editor Version 5.00\r\n\r\n[HKEY_CURRENT_USER\\X]\r\n",
+    "text": b"Dear parents, the trip is on Friday.\n",
+    # Known only by their descriptions: MIME types application/octet-stream and text/plain.
+    "mbr": bytes(510) + b"\x55\xaa",
+    "vmdk": b"KDMV" + bytes(600),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_identify_classifies_as_it_would_with_the_description_looked_up_first(name: str) -> None:
+    data = SAMPLES[name]
+    mime = str(filetypes._magic_pair()[0].from_buffer(data)).strip().lower()
+    kind = filetypes._kind_from_content(mime, libmagic_description(data), data)
+    for filename in ("file", "file.pdf", "file.exe", "file.iso", "file.js"):
+        want = filetypes._refine_with_extension(kind, mime, filetypes._extension(filename))
+        if want == "office" and (filetypes.has_vba_macros(data) or filetypes._odf_has_macros(data)):
+            want = "office_macro"
+        filetype = identify(data, filename)
+        assert (filetype.mime, filetype.kind) == (mime, want)
+        assert filetype.description == libmagic_description(data)
+
+
+def test_filetype_is_a_value_whether_or_not_its_description_was_looked_up_late() -> None:
+    late, eager = identify(samples.pdf(), "a.pdf"), identify(samples.pe_exe(), "a.exe")
+    same = FileType(late.mime, libmagic_description(samples.pdf()), late.kind)
+    assert late == same and hash(late) == hash(same) and repr(late) == repr(same)
+    assert late != eager
+    for filetype in (late, eager):
+        assert pickle.loads(pickle.dumps(filetype)) == filetype
+        assert copy.deepcopy(filetype) == filetype
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            filetype.kind = "other"  # type: ignore[misc]
