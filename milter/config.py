@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,17 +62,7 @@ class Settings(BaseModel):
     @field_validator("database")
     @classmethod
     def _database(cls, v: str) -> str:
-        if v:
-            from sqlalchemy.engine import make_url
-            from sqlalchemy.exc import ArgumentError
-
-            try:
-                make_url(v)
-            except ArgumentError:
-                raise ValueError(
-                    f"{v!r} is not a database URL (sqlite:///path or postgresql+psycopg://...)"
-                ) from None
-        return v
+        return check_database_url(v) if v else v
 
     @field_validator("smtp", "next_hop", "metrics", "reinject")
     @classmethod
@@ -89,17 +79,35 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def check_database_url(url: str) -> str:
+    """A SQLAlchemy URL, or ValueError saying what one looks like."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        example = "sqlite:///path or postgresql+psycopg://..."
+        raise ValueError(f"{url!r} is not a database URL ({example})") from None
+    return url
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; RulesError (with the file named) when it cannot be read or parsed."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise RulesError([Problem(path, None, f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError([Problem(path, None, f"not valid TOML: {exc}")]) from None
+
+
 def load_settings(path: Path | None, overrides: dict[str, object]) -> Settings:
     """The config file (if any) with command-line overrides on top; RulesError names file and key."""
     data: dict[str, object] = {}
     if path is not None:
-        try:
-            with path.open("rb") as handle:
-                loaded = tomllib.load(handle)
-        except OSError as exc:
-            raise RulesError([Problem(path, None, f"cannot read: {exc.strerror}")]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RulesError([Problem(path, None, f"not valid TOML: {exc}")]) from None
+        loaded = read_toml(path)
         section = loaded.get("gateway", loaded)
         if not isinstance(section, dict):
             raise RulesError([Problem(path, None, "[gateway] must be a table")])

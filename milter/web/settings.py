@@ -7,14 +7,13 @@ others, so one file configures both and they cannot drift apart.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from milter.config import host_port
+from milter.config import check_database_url, host_port, read_toml
 from milter.errors import Problem, RulesError
 
 LOOPBACK_NAMES = ("localhost",)
@@ -91,18 +90,9 @@ class WebSettings(BaseModel):
     @field_validator("database")
     @classmethod
     def _database(cls, v: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
         if not v:
             raise ValueError("the console needs the quarantine store's database URL")
-        try:
-            make_url(v)
-        except ArgumentError:
-            raise ValueError(
-                f"{v!r} is not a database URL (sqlite:///path or postgresql+psycopg://...)"
-            ) from None
-        return v
+        return check_database_url(v)
 
     @field_validator("metrics_url")
     @classmethod
@@ -153,13 +143,7 @@ def load_web_settings(path: Path | None, overrides: dict[str, Any] | None = None
     """[web] of the TOML file (if any), gaps filled from [gateway], then overrides (None = unset)."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with path.open("rb") as handle:
-                loaded = tomllib.load(handle)
-        except OSError as exc:
-            raise RulesError([Problem(path, None, f"cannot read: {exc.strerror}")]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RulesError([Problem(path, None, f"not valid TOML: {exc}")]) from None
+        loaded = read_toml(path)
         web = loaded.get("web", {})
         gateway = loaded.get("gateway", {})
         for name, table in (("web", web), ("gateway", gateway)):
