@@ -21,16 +21,8 @@ from milter.envelope import Envelope
 from milter.store import NotFound, Store
 from milter.store.models import HeldMessage
 from tests.postfix_harness import SmtpSink, free_port
+from tests.test_store import OBSCENE
 
-OBSCENE = {
-    "detector": "obscene_language",
-    "category": "profanity",
-    "severity": "high",
-    "clause": "2.3",
-    "summary": "obscene language in the body",
-    "evidence": ["f***ing"],
-    "location": "body",
-}
 ADVERT = {
     "detector": "advertising",
     "category": "commercial",
