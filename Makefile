@@ -33,6 +33,8 @@ run: $(VENV)/.installed system-packages
 	@echo "  curl -s 127.0.0.1:9464/metrics | grep school_milter      # the gateway's metrics"
 	@echo "  $(BIN)/school-milter quarantine list --database sqlite:///$(CURDIR)/var/quarantine.db"
 	@echo "  $(BIN)/school-milter quarantine release ID --reason '...' --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
+	@echo "  $(BIN)/school-milter web-user add admin --role technician --database sqlite:///$(CURDIR)/var/quarantine.db"
+	@echo "  $(BIN)/school-milter web --database sqlite:///$(CURDIR)/var/quarantine.db --insecure-http-loopback   # console on 127.0.0.1:8080"
 	@echo "  deploy/local-stack.sh stop                                # stop Postfix, sink and gateway"
 
 lint: $(VENV)/.installed
