@@ -257,8 +257,8 @@ Try it (each delivered message appears as a file in var/delivered/):
     --header "Subject: Re: marking" --body "This marking scheme is f*cking ridiculous."
     # (the sender also gets a guidance mail: it lands in var/delivered/ too)
   # obscene mail received from outside: accepted, held in the quarantine, SLT alerted
-  swaks --server 127.0.0.1:$SMTP_PORT --from prize@spam.example --to a.patel@redborne.example \
-    --header "Subject: you won" --body "you are a fucking disgrace" \
+  swaks --server 127.0.0.1:$SMTP_PORT --from prize@spam.example --to a.patel@redborne.example \\
+    --header "Subject: you won" --body "you are a fucking disgrace" \\
     --xclient "ADDR=203.0.113.9 NAME=mail.outside.example"
   .venv/bin/school-milter quarantine list --database sqlite:///$REPO/var/quarantine.db
   ls -t var/delivered/ | head; tail var/local-stack/maillog
