@@ -9,12 +9,9 @@ a guidance mail or an alert but never loses it.
 from __future__ import annotations
 
 import datetime as dt
-import email.policy
 import logging
-import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 from milter import notify
 from milter.context import is_local, trusted_client
@@ -28,11 +25,6 @@ from milter.report import parse_report
 from milter.store.store import HeldFilter, HeldRecord, Store
 
 log = logging.getLogger("school_milter")
-
-
-def wire_bytes(mail: EmailMessage) -> bytes:
-    """The mail as sent over SMTP: CRLF line ends (bytes() would give bare LFs)."""
-    return mail.as_bytes(policy=email.policy.SMTP)
 
 
 def held_item(record: HeldRecord) -> notify.HeldItem:
@@ -139,7 +131,7 @@ class FollowUp:
             )
             return
         self.store.queue_mail(
-            "guidance", [ctx.sender], wire_bytes(mail), about=ctx.sender, reference=verdict.reference
+            "guidance", [ctx.sender], notify.wire_bytes(mail), about=ctx.sender, reference=verdict.reference
         )
 
     def _alerts(self, result: Scan, rules: Rules, held_id: str | None) -> None:
@@ -161,7 +153,11 @@ class FollowUp:
                 rules.policy.school.contacts[r] for r in immediate if r in rules.policy.school.contacts
             ]
             self.store.queue_mail(
-                "alert", recipients, wire_bytes(mail), about=",".join(immediate), reference=verdict.reference
+                "alert",
+                recipients,
+                notify.wire_bytes(mail),
+                about=",".join(immediate),
+                reference=verdict.reference,
             )
 
     def _unheld_item(self, result: Scan) -> notify.HeldItem:
@@ -204,38 +200,32 @@ class FollowUp:
         address = rules.policy.school.contacts.get(role)
         if mail is None or not address:
             return 0
-        self.store.queue_mail("digest", [address], wire_bytes(mail), about=role)
+        self.store.queue_mail("digest", [address], notify.wire_bytes(mail), about=role)
         return len(records)
 
     # -------------------------------------------------------------------- outbox
 
     def deliver_outbox(self, timeout: float = 30.0) -> tuple[int, int]:
-        """Send what the outbox holds to the relay; (sent, failed). Failures stay for a retry."""
+        """Send what the outbox holds to the relay; (sent, failed). Failures stay for a retry.
+
+        A mail the relay took for some recipients and refused for others counts as sent:
+        retrying it would deliver it twice to those who have it.
+        """
         if self.relay is None:
             return 0, 0
         items = self.store.claim_outbox()
-        sent = failed = 0
         if not items:
             return 0, 0
-        try:
-            client = smtplib.SMTP(self.relay[0], self.relay[1], timeout=timeout)
-        except OSError as exc:
-            for item in items:
-                self.store.outbox_done(item.id, f"relay unreachable: {type(exc).__name__}")
-            return 0, len(items)
-        with client:
-            for item in items:
-                try:
-                    # Empty envelope sender: an automatic mail must never cause a bounce loop.
-                    refused = client.sendmail("", list(item.recipients), item.data)
-                except (smtplib.SMTPException, OSError) as exc:
-                    self.store.outbox_done(item.id, f"{type(exc).__name__}: {str(exc)[:200]}")
-                    failed += 1
-                    continue
-                self.store.outbox_done(item.id, f"refused {sorted(refused)}" if refused else None)
-                sent += 0 if refused else 1
-                failed += 1 if refused else 0
-        return sent, failed
+        outcomes = notify.deliver(
+            ((f"outbox {i.id}", i.recipients, i.data) for i in items), self.relay, timeout=timeout
+        )
+        sent = 0
+        for item, (taken, problem) in zip(items, outcomes, strict=True):
+            if problem:
+                log.warning("outbox: %s", problem)
+            self.store.outbox_done(item.id, None if taken else problem)
+            sent += taken
+        return sent, len(items) - sent
 
     # ------------------------------------------------------------------ reports
 

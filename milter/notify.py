@@ -9,6 +9,7 @@ sender, so a notice that cannot be delivered never bounces back into the gateway
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import re
 import shlex
@@ -500,63 +501,82 @@ def _envelope_recipients(msg: EmailMessage) -> list[str]:
     return [addr for _, addr in getaddresses(fields) if addr]
 
 
+def wire_bytes(mail: EmailMessage) -> bytes:
+    """The mail as sent over SMTP: CRLF line ends (bytes() would give bare LFs)."""
+    return mail.as_bytes(policy=email.policy.SMTP)
+
+
 def send(messages: Iterable[EmailMessage], relay: tuple[str, int], *, timeout: float = 30) -> list[str]:
-    """Deliver each message to the relay with MAIL FROM:<> (no bounce loops); the failures, briefly.
+    """Deliver each message to the relay with MAIL FROM:<> (no bounce loops); the failures, briefly."""
+    items = (
+        (_label(msg, number), _envelope_recipients(msg), wire_bytes(msg))
+        for number, msg in enumerate(messages, 1)
+    )
+    return [problem for _, problem in deliver(items, relay, timeout=timeout) if problem]
+
+
+def deliver(
+    items: Iterable[tuple[str, Sequence[str], bytes]], relay: tuple[str, int], *, timeout: float = 30
+) -> list[tuple[bool, str | None]]:
+    """Each (label, recipients, message bytes) to the relay with MAIL FROM:<>; per item, whether
+    the relay took it (for at least one recipient) and what went wrong, briefly.
 
     One connection for them all. A message the relay refuses does not stop the others; once
     the relay cannot be reached, the rest are reported as not sent rather than each waiting
-    out its own timeout. Failure strings name the message's reference and the reply code,
-    never its content or addresses.
+    out its own timeout. Problem strings name the label and the reply code, never the
+    message's content or addresses.
     """
     host, port = relay
-    failures: list[str] = []
+    outcomes: list[tuple[bool, str | None]] = []
     smtp: smtplib.SMTP | None = None
     unreachable: str | None = None
     try:
-        for number, msg in enumerate(messages, 1):
-            label = _label(msg, number)
-            recipients = _envelope_recipients(msg)
+        for label, recipients, data in items:
             if not recipients:
-                failures.append(f"{label}: no recipients")
+                outcomes.append((False, f"{label}: no recipients"))
                 continue
             if unreachable:
-                failures.append(f"{label}: not sent, {unreachable}")
+                outcomes.append((False, f"{label}: not sent, {unreachable}"))
                 continue
             try:
                 if smtp is None:
                     smtp = smtplib.SMTP(host, port, timeout=timeout)
             except (OSError, smtplib.SMTPException) as exc:
                 unreachable = f"relay {host}:{port} unreachable ({type(exc).__name__})"
-                failures.append(f"{label}: {unreachable}")
+                outcomes.append((False, f"{label}: {unreachable}"))
                 continue
             try:
-                refused = smtp.send_message(msg, from_addr="", to_addrs=recipients)
+                refused = smtp.sendmail("", list(recipients), data)
             except smtplib.SMTPRecipientsRefused as exc:
                 codes = sorted({code for code, _ in exc.recipients.values()})
-                failures.append(f"{label}: all {len(recipients)} recipient(s) refused ({_codes(codes)})")
+                outcomes.append(
+                    (False, f"{label}: all {len(recipients)} recipient(s) refused ({_codes(codes)})")
+                )
             except smtplib.SMTPResponseException as exc:
                 # Sender or data refused: smtplib has reset the transaction; the connection is usable.
-                failures.append(f"{label}: refused by the relay ({exc.smtp_code})")
+                outcomes.append((False, f"{label}: refused by the relay ({exc.smtp_code})"))
                 if exc.smtp_code == 421:  # the relay is closing the connection
                     smtp.close()
                     smtp = None
             except (OSError, smtplib.SMTPException) as exc:
-                failures.append(f"{label}: not sent ({type(exc).__name__})")
+                outcomes.append((False, f"{label}: not sent ({type(exc).__name__})"))
                 smtp.close()
                 smtp = None
             else:
+                problem = None
                 if refused:
                     codes = sorted({code for code, _ in refused.values()})
-                    failures.append(
+                    problem = (
                         f"{label}: {len(refused)} of {len(recipients)} recipient(s) refused ({_codes(codes)})"
                     )
+                outcomes.append((True, problem))
     finally:
         if smtp is not None:
             try:
                 smtp.quit()
             except (OSError, smtplib.SMTPException):
                 smtp.close()
-    return failures
+    return outcomes
 
 
 def _codes(codes: Iterable[int]) -> str:

@@ -177,3 +177,26 @@ def test_personal_marking_is_recorded(store: Store, rules: Rules) -> None:
     held_id = followup.hold(raw, envelope(OUTSIDER, [TEACHER]), result)
     assert store.get(held_id).personal
     assert store.find(HeldFilter(since=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)))[0].id == held_id
+
+
+def test_outbox_mail_refused_for_some_recipients_is_not_sent_again(store: Store) -> None:
+    from aiosmtpd.controller import Controller
+
+    from tests.postfix_harness import free_port
+    from tests.test_notify import Recorder  # refuses nobody@...
+
+    handler = Recorder()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        store.queue_mail(
+            "alert", ["it-support@redborne.example", "nobody@redborne.example"], b"Subject: x\r\n\r\nhi\r\n"
+        )
+        followup = FollowUp(store, ("127.0.0.1", port))
+        assert followup.deliver_outbox() == (1, 0)
+        assert followup.deliver_outbox() == (0, 0)  # taken once: no second copy for it-support
+        assert [r for _, r, _ in handler.received] == [["it-support@redborne.example"]]
+        assert [o[2] for o in store.outbox()] == ["sent"]
+    finally:
+        controller.stop()
