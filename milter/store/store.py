@@ -406,13 +406,14 @@ class Store:
         return row.id, True
 
     def get(self, message_id: str) -> HeldRecord:
+        query = select(HeldMessage, HeldMessage.body.is_not(None)).where(
+            HeldMessage.id == check_id(message_id)
+        )
         with self.session() as session:
-            row = session.get(HeldMessage, check_id(message_id))
-            if row is None:
+            found = session.execute(query).first()
+            if found is None:
                 raise NotFound(f"no held message {message_id}")
-            has_body = session.scalar(
-                select(HeldMessage.body.is_not(None)).where(HeldMessage.id == message_id)
-            )
+            row, has_body = found
             return _record(row, bool(has_body))
 
     def find(self, filters: HeldFilter = HeldFilter(), limit: int = 100, offset: int = 0) -> list[HeldRecord]:
