@@ -1,8 +1,9 @@
 """`school-milter serve`: the long-running daemon, one process or a parent with N workers.
 
-The parent binds the listening socket(s) and forks workers that share them, restarts a
-worker that dies, forwards SIGHUP (reload rules) and SIGTERM (finish messages in
-flight, then stop) to them, serves metrics, and tells systemd when it is ready.
+The parent binds the listening sockets (milter, SMTP mode) and forks workers that all
+accept on both, restarts a worker that dies, forwards SIGHUP (reload rules) and SIGTERM
+(finish messages in flight, then stop) to them, serves metrics, and tells systemd when
+it is ready.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from milter.errors import RulesError
 from milter.multiproc import prepare_multiprocess
 from milter.policy.loader import Rules, load_rules
 from milter.server import Decision, MilterServer, ServerLimits, bind
+from milter.sockets import listen_tcp
 from milter.tally import Tally
 
 if TYPE_CHECKING:
@@ -215,7 +217,11 @@ async def _deliver_outbox(
 
 
 async def _run_worker(
-    settings: Settings, rules: Rules, milter_sock: socket.socket | None, primary: bool = True
+    settings: Settings,
+    rules: Rules,
+    milter_sock: socket.socket | None,
+    smtp_sock: socket.socket | None = None,
+    primary: bool = True,
 ) -> None:
     from milter.metrics import Metrics
 
@@ -261,7 +267,7 @@ async def _run_worker(
 
             milter_server.outbox_waiting = nudge
     smtp_gateway = None
-    if settings.smtp:
+    if smtp_sock is not None:
         from milter.smtp_mode import SmtpGateway, SmtpModeConfig
 
         listen_host, listen_port = host_port(settings.smtp)
@@ -285,7 +291,7 @@ async def _run_worker(
                 verdict.reference, verdict.action.value, seconds, envelope.queue_id, 0, len(envelope.rcpt_to)
             )
         )
-        await smtp_gateway.start()
+        await smtp_gateway.start(smtp_sock)
     log.info("worker ready", extra={"event": "ready", "pid": os.getpid()})
     await stop.wait()
     log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
@@ -318,9 +324,13 @@ def _exit_if_stuck(seconds: float) -> None:
 
 
 def _worker_main(
-    settings: Settings, rules: Rules, milter_sock: socket.socket | None, primary: bool = True
+    settings: Settings,
+    rules: Rules,
+    milter_sock: socket.socket | None,
+    smtp_sock: socket.socket | None = None,
+    primary: bool = True,
 ) -> None:
-    asyncio.run(_run_worker(settings, rules, milter_sock, primary))
+    asyncio.run(_run_worker(settings, rules, milter_sock, smtp_sock, primary))
 
 
 def serve(settings: Settings) -> int:
@@ -356,6 +366,14 @@ def serve(settings: Settings) -> int:
     if milter_sock is None and not settings.smtp:
         log.error("nothing to serve: set milter or smtp")
         return 2
+    try:
+        # Bound here, before any fork, so every worker accepts SMTP on the same socket.
+        smtp_sock = listen_tcp(*host_port(settings.smtp)) if settings.smtp else None
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.smtp, exc.strerror)
+        if milter_sock is not None:
+            milter_sock.close()
+        return 1
     log.info(
         "listening",
         extra={
@@ -371,16 +389,20 @@ def serve(settings: Settings) -> int:
 
             serve_metrics(*host_port(settings.metrics), multiprocess_mode=False)
         notify_systemd("READY=1")
-        _worker_main(settings, rules, milter_sock)
+        _worker_main(settings, rules, milter_sock, smtp_sock)
         notify_systemd("STOPPING=1")
         return 0
-    return _supervise(settings, rules, milter_sock)
+    return _supervise(settings, rules, milter_sock, smtp_sock)
 
 
-def _supervise(settings: Settings, rules: Rules, milter_sock: socket.socket | None) -> int:
-    """Parent of N workers sharing the listening socket."""
-    if settings.smtp:
-        log.warning("SMTP mode runs in the first worker only; the milter socket is shared by all")
+def _supervise(
+    settings: Settings, rules: Rules, milter_sock: socket.socket | None, smtp_sock: socket.socket | None
+) -> int:
+    """Parent of N workers sharing the listening sockets (milter and SMTP mode).
+
+    SMTP mode's spool is shared too: its files carry the handling worker's pid, so a
+    restarted worker reports only what dead workers left (milter.smtp_mode.Spool).
+    """
     prepare_multiprocess(Path(tempfile.mkdtemp(prefix="school-milter-metrics-")))
     from milter.metrics import serve_metrics, worker_exited
 
@@ -394,8 +416,7 @@ def _supervise(settings: Settings, rules: Rules, milter_sock: socket.socket | No
             try:
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                worker = settings if index == 0 else settings.model_copy(update={"smtp": ""})
-                _worker_main(worker, rules, milter_sock, primary=index == 0)
+                _worker_main(settings, rules, milter_sock, smtp_sock, primary=index == 0)
             except BaseException:
                 code = 1
             finally:

@@ -12,6 +12,7 @@ quarantine), so nothing is lost: every failure ends in a 4xx and the client retr
 
 Spool layout (spool_dir): tmp/ (being written), incoming/ (received, being handled),
 quarantine/ (held for review), failed/ (a crash while handling; kept for inspection).
+The worker processes of `serve --workers N` share one spool (see Spool).
 
 Behind Postfix every client is Postfix itself on 127.0.0.1, a trusted network, which
 would make every message look as if the school sent it. Postfix forwards the real
@@ -162,7 +163,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """Message files on disk: every message is here before it is scanned, until it is dealt with."""
+    """Message files on disk: every message is here before it is scanned, until it is dealt with.
+
+    Several worker processes share one spool directory. A file in incoming/ (and tmp/) is
+    named REF.PID.eml after the process handling it, so a worker (re)starting counts as
+    left over only the files whose process is gone, never those a live sibling is writing
+    or handling, and it only counts them: nothing in incoming/ is moved or deleted at
+    start. (A dead worker's pid taken by a new process hides its files until that process
+    ends: a late report, never a disturbed message.)
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -172,11 +181,15 @@ class Spool:
         self.failed = root / "failed"
 
     def prepare(self) -> int:
-        """Create the directories; the number of messages left in incoming/ by an earlier run."""
+        """Create the directories; the number of messages left in incoming/ by processes now gone.
+
+        Call it before this process spools anything: a file named with our own pid is then
+        an earlier process's that had the same pid (in a container, the usual case).
+        """
         for path in (self.tmp, self.incoming, self.quarantine_dir, self.failed):
             # Message content is private (policy 2.4, 2.6): only the gateway's user reads the spool.
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return sum(1 for _ in self.incoming.iterdir())
+        return sum(1 for path in self.incoming.iterdir() if not _handler_alive(path))
 
     def _write(self, final: Path, data: bytes) -> Path:
         """Write through tmp/ and rename: a reader never sees half a file, a crash leaves none."""
@@ -194,7 +207,7 @@ class Spool:
         return final
 
     def receive(self, reference: str, raw: bytes) -> Path:
-        return self._write(self.incoming / f"{reference}.eml", raw)
+        return self._write(self.incoming / f"{reference}.{os.getpid()}.eml", raw)
 
     def hold(self, path: Path, reference: str, record: dict[str, object]) -> None:
         """Move a message into quarantine/ with its record; REF.json, written last, marks it complete."""
@@ -208,6 +221,20 @@ class Spool:
     @staticmethod
     def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
+
+
+def _handler_alive(path: Path) -> bool:
+    """Whether another live process may be handling this incoming/ file (named REF.PID.eml)."""
+    pid = path.name.removesuffix(".eml").rpartition(".")[2]
+    if not pid.isdigit() or int(pid) in (0, os.getpid()):
+        return False  # no pid (an older gateway's file), or ours from before we started
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, as another user
+    return True
 
 
 def _json(record: dict[str, object]) -> bytes:
@@ -393,9 +420,15 @@ class SmtpGateway:
 
     # -- lifecycle --
 
-    async def start(self) -> None:
-        """Bind and serve on the running loop."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on the running loop: on `sock`, a listening socket the parent of worker
+        processes bound and shares with them all, or else on listen_host:listen_port."""
         loop = asyncio.get_running_loop()
+        # aiosmtpd logs every command at INFO, envelope addresses included; the gateway's
+        # logs carry no addresses (policy 2.4), so only its warnings and errors get through.
+        aiosmtpd_log = logging.getLogger("mail.log")
+        if aiosmtpd_log.getEffectiveLevel() < logging.WARNING:
+            aiosmtpd_log.setLevel(logging.WARNING)
         self._idle = asyncio.Event()
         self._idle.set()
         if not self._hostname:
@@ -408,10 +441,14 @@ class SmtpGateway:
                 "retry; kept for inspection",
                 left,
                 self.spool.incoming,
+                extra={"event": "spool_left_over", "count": left, "pid": os.getpid()},
             )
-        self._server = await loop.create_server(
-            self._new_connection, self.config.listen_host, self.config.listen_port
-        )
+        if sock is not None:
+            self._server = await loop.create_server(self._new_connection, sock=sock)
+        else:
+            self._server = await loop.create_server(
+                self._new_connection, self.config.listen_host, self.config.listen_port
+            )
         log.info(
             "SMTP mode listening on %s:%d, relaying to %s:%d",
             self.config.listen_host,
@@ -602,6 +639,8 @@ class SmtpGateway:
             len(envelope.rcpt_to),
             seconds * 1000,
             reply.split("\r\n")[-1][:3],
+            # Which worker process handled it, when several share the socket.
+            extra={"pid": os.getpid()},
         )
         self._decided(verdict, envelope, seconds)
         return reply

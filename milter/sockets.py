@@ -29,3 +29,26 @@ def parse_socket_name(spec: str, what: str = "socket") -> tuple[socket.AddressFa
         family = socket.AF_INET6 if kind == "inet6" or ":" in host else socket.AF_INET
         return family, (host, int(port))
     raise ValueError(f"{what} {spec!r}: unknown socket type {kind!r} (use inet, inet6 or unix)")
+
+
+def listen_tcp(host: str, port: int, backlog: int = 256) -> socket.socket:
+    """A listening TCP socket on HOST:PORT (the first address HOST resolves to); OSError if not.
+
+    Bound by the parent before it forks, so every worker process accepts on the same
+    socket (SMTP mode's listener, as the milter socket is shared).
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+    # the socket says it is TCP.
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

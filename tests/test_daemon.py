@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiosmtpd.smtp import SMTP
 
 from milter.store import Store
 from tests.conftest import REPO, copy_rules
 from tests.mail import build
 from tests.test_milter_protocol import converse, negotiate
+from tests.test_smtp_mode import OUTSIDER, REFERENCE, STAFF, STAFF2, NextHop, crlf, transaction
 
 
 def free_port() -> int:
@@ -195,3 +202,271 @@ def test_bad_config_file_is_named(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2 and str(config) in result.stderr and "workers" in result.stderr
+
+
+# --- SMTP mode in every worker ----------------------------------------------------------------
+
+
+class Sink:
+    """The next hop SMTP mode relays to: tests.test_smtp_mode.NextHop on a loop thread."""
+
+    def __init__(self) -> None:
+        self.hop = NextHop()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: SMTP(self.hop, hostname="nexthop.test", loop=loop), "127.0.0.1", 0
+        )
+
+    def subjects(self) -> list[str]:
+        found = (re.search(rb"\r\nSubject: (.*)\r\n", raw) for _, _, raw in self.hop.received)
+        return [m.group(1).decode() for m in found if m]
+
+    def close(self) -> None:
+        if self.hop.gate is not None:
+            self.hop.gate.set()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class SmtpDaemon(Daemon):
+    """`serve --workers N` with SMTP mode (and the milter) relaying to a Sink."""
+
+    def __init__(self, rules: Path, tmp: Path, sink: Sink, workers: int = 2) -> None:
+        self.sink = sink
+        self.smtp_port = free_port()
+        self.spool = tmp / "spool"
+        super().__init__(
+            rules,
+            tmp,
+            "--workers",
+            str(workers),
+            "--smtp",
+            f"127.0.0.1:{self.smtp_port}",
+            "--next-hop",
+            f"127.0.0.1:{sink.port}",
+            "--spool",
+            str(self.spool),
+            # No store: nothing (guidance, alerts) is mailed out besides the relayed messages.
+            "--database=",
+        )
+
+    def smtp(
+        self, raw: bytes, mail_from: str = STAFF, rcpt_to: tuple[str, ...] = (STAFF2,)
+    ) -> tuple[int, str]:
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=30) as client:
+            client.ehlo()
+            return transaction(client, raw, mail_from, list(rcpt_to))
+
+    def ready_pids(self) -> list[int]:
+        return [int(str(e["pid"])) for e in self.log_lines() if e["message"] == "worker ready"]
+
+    def handled_by(self) -> dict[str, int]:
+        """Reference -> pid of the worker whose SMTP mode handled the message."""
+        found: dict[str, int] = {}
+        for entry in self.log_lines():
+            match = REFERENCE.match(str(entry["message"]))
+            if entry["logger"] == "milter.smtp_mode" and "pid" in entry and match:
+                found[match.group()] = int(str(entry["pid"]))
+        return found
+
+    def incoming(self) -> list[Path]:
+        return sorted((self.spool / "incoming").iterdir())
+
+    def wait_for_incoming(self, count: int, timeout: float = 10) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while len(files := self.incoming()) < count:
+            assert time.monotonic() < deadline, f"no message in {self.spool}/incoming"
+            time.sleep(0.01)
+        return files
+
+
+@pytest.fixture
+def smtp_daemon(rules_copy: Path, tmp_path: Path) -> Iterator[SmtpDaemon]:
+    sink = Sink()
+    try:
+        d = SmtpDaemon(rules_copy, tmp_path, sink)
+        try:
+            d.wait_for_log("worker ready", count=2)
+            yield d
+        finally:
+            if sink.hop.gate is not None:
+                sink.hop.gate.set()  # a message held in flight would hold up the stop
+            d.stop()
+    finally:
+        sink.close()
+
+
+def send_clean(d: SmtpDaemon, numbers: range) -> dict[int, tuple[int, str]]:
+    """Clean messages "Rota N", each on its own connection, eight connections at a time."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = pool.map(
+            lambda n: d.smtp(build(STAFF, STAFF2, f"Rota {n}", f"Cover for period {n}.")), numbers
+        )
+        return dict(zip(numbers, replies, strict=True))
+
+
+def references(replies: dict[int, tuple[int, str]]) -> list[str]:
+    found = [REFERENCE.search(text) for _, text in replies.values()]
+    return [m.group() for m in found if m]
+
+
+def test_smtp_mode_runs_in_every_worker_and_survives_a_killed_worker(smtp_daemon: SmtpDaemon) -> None:
+    d = smtp_daemon
+    workers = set(d.ready_pids())
+    assert len(workers) == 2
+    assert not any("first worker" in str(e["message"]) for e in d.log_lines())
+
+    # Parallel connections until both workers have taken some (the kernel picks who accepts).
+    replies: dict[int, tuple[int, str]] = {}
+    for batch in range(10):
+        replies |= send_clean(d, range(batch * 16, (batch + 1) * 16))
+        assert all(code == 250 for code, _ in replies.values()), replies
+        handled = d.handled_by()
+        if {handled[ref] for ref in references(replies)} == workers:
+            break
+    assert {handled[ref] for ref in references(replies)} == workers
+    # Every message reached the next hop, once.
+    assert sorted(d.sink.subjects()) == sorted(f"Rota {n}" for n in replies)
+
+    code, text = d.smtp(build(STAFF, OUTSIDER, "Re: late delivery", "You are all sh1t."), rcpt_to=(OUTSIDER,))
+    assert code == 550 and text.startswith("5.7.1 Message refused under clause 5.5"), text
+    assert len(d.sink.hop.received) == len(replies)
+    # The log says what happened, never to whom or about what.
+    text = d.log_path.read_text()
+    assert "redborne.example" not in text and "elsewhere.example" not in text and "Rota" not in text
+
+    # A worker killed outright is replaced, and the new one takes SMTP connections too.
+    killed = min(workers)
+    os.kill(killed, signal.SIGKILL)
+    d.wait_for_log("worker ready", count=3)
+    assert any(
+        f"(pid {killed}) exited with status -9; restarting" in str(e["message"]) for e in d.log_lines()
+    )
+    [replacement] = set(d.ready_pids()) - workers
+    workers = workers - {killed} | {replacement}
+    more: dict[int, tuple[int, str]] = {}
+    for batch in range(10):
+        more |= send_clean(d, range(1000 + batch * 16, 1000 + (batch + 1) * 16))
+        assert all(code == 250 for code, _ in more.values()), more
+        handled = d.handled_by()
+        if replacement in {handled[ref] for ref in references(more)}:
+            break
+    assert {handled[ref] for ref in references(more)} <= workers
+    assert replacement in {handled[ref] for ref in references(more)}
+    assert sorted(d.sink.subjects()) == sorted(f"Rota {n}" for n in replies | more)
+    assert d.incoming() == []
+
+    # SIGTERM stops every worker and the parent; nobody listens any more.
+    assert d.stop() == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", d.smtp_port), timeout=2).close()
+
+
+def test_a_restarting_worker_leaves_a_live_workers_message_alone_and_reports_a_dead_ones(
+    smtp_daemon: SmtpDaemon,
+) -> None:
+    d = smtp_daemon
+    workers = d.ready_pids()
+
+    def left_over_reports() -> list[dict[str, object]]:
+        return [e for e in d.log_lines() if e.get("event") == "spool_left_over"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # A message held in flight: the next hop answers DATA only when the gate opens.
+        gate = d.sink.hop.gate = threading.Event()
+        first = pool.submit(d.smtp, crlf(build(STAFF, STAFF2, "Rota 1", "Cover for period 1.")))
+        [in_flight] = d.wait_for_incoming(1)
+        holder = int(in_flight.name.split(".")[1])
+        assert holder in workers
+        # The other worker dies and is replaced; the newcomer must not count or touch the message.
+        [other] = set(workers) - {holder}
+        os.kill(other, signal.SIGKILL)
+        d.wait_for_log("worker ready", count=3)
+        assert left_over_reports() == []
+        assert d.incoming() == [in_flight]
+        gate.set()
+        code, text = first.result(30)
+        assert code == 250, text
+        assert d.sink.subjects() == ["Rota 1"] and d.incoming() == []
+
+        # Now the worker handling a message is killed: the client was never told 250, and the
+        # worker that replaces it reports the message left over and keeps it.
+        gate = d.sink.hop.gate = threading.Event()
+        raw = crlf(build(STAFF, STAFF2, "Rota 2", "Cover for period 2."))
+        second = pool.submit(d.smtp, raw)
+        [in_flight] = d.wait_for_incoming(1)
+        holder = int(in_flight.name.split(".")[1])
+        os.kill(holder, signal.SIGKILL)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            second.result(30)
+        d.wait_for_log("worker ready", count=4)
+        [replacement] = set(d.ready_pids()[3:])
+        [report] = left_over_reports()
+        assert (report["count"], report["pid"]) == (1, replacement)
+        assert d.incoming() == [in_flight] and in_flight.read_bytes() == raw
+        gate.set()
+
+    # Mail still flows through both live workers.
+    assert d.smtp(build(STAFF, STAFF2, "Rota 3", "Cover for period 3."))[0] == 250
+
+
+def test_smtp_mode_with_one_worker(rules_copy: Path, tmp_path: Path) -> None:
+    sink = Sink()
+    try:
+        d = SmtpDaemon(rules_copy, tmp_path, sink, workers=1)
+        try:
+            assert d.smtp(build(STAFF, STAFF2, "Rota 1", "Cover for period 1."))[0] == 250
+            code, _ = d.smtp(build(STAFF, OUTSIDER, "Re: late", "You are all sh1t."), rcpt_to=(OUTSIDER,))
+            assert code == 550
+            assert sink.subjects() == ["Rota 1"] and d.incoming() == []
+            assert set(d.handled_by().values()) == {d.proc.pid}
+        finally:
+            assert d.stop() == 0
+    finally:
+        sink.close()
+
+
+def test_smtp_address_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "milter",
+                "serve",
+                "--workers",
+                "2",
+                "--milter",
+                "inet:127.0.0.1:0",
+                "--smtp",
+                f"127.0.0.1:{port}",
+                "--metrics",
+                "",
+                "--database=",
+                "--spool",
+                str(tmp_path / "spool"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "worker ready" not in result.stderr

@@ -7,11 +7,16 @@ speak SMTP from the test thread, as a mail server in front of the gateway would.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
+import logging
+import os
 import re
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -27,7 +32,7 @@ from milter.envelope import Envelope
 from milter.followup import FollowUp
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, ActionRule
-from milter.smtp_mode import SmtpGateway, SmtpModeConfig, _auth_user, format_reply
+from milter.smtp_mode import SmtpGateway, SmtpModeConfig, Spool, _auth_user, format_reply
 from milter.store import Store
 from milter.verdict import Verdict
 from tests.mail import build
@@ -64,6 +69,8 @@ class NextHop:
         self.received: list[tuple[str, list[str], bytes]] = []
         self.data_reply: str | None = None
         self.refuse_rcpt: dict[str, str] = {}
+        # When set, DATA is answered only once the gate opens: a message held in flight.
+        self.gate: threading.Event | None = None
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
@@ -74,6 +81,8 @@ class NextHop:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 30)
         if self.data_reply:
             return self.data_reply
         assert envelope.mail_from is not None and envelope.original_content is not None
@@ -497,6 +506,73 @@ def test_stop_lets_a_message_being_scanned_finish(gateway: Running, monkeypatch:
     assert closing == [421]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=1).close()
+
+
+# --- one spool shared by worker processes -----------------------------------------------------
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_starting_worker_counts_only_what_dead_processes_left_and_moves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    assert spool.prepare() == 0
+    sibling = subprocess.Popen(["sleep", "60"])  # a live worker sharing the spool
+    try:
+        files = {
+            f"RB-AAAA-AAAA.{sibling.pid}.eml": b"being handled by a live worker",
+            f"RB-BBBB-BBBB.{dead_pid()}.eml": b"left by a worker that was killed",
+            f"RB-CCCC-CCCC.{os.getpid()}.eml": b"left by an earlier process that had our pid",
+            "RB-DDDD-DDDD.eml": b"left by an older gateway (no pid in the name)",
+        }
+        for name, data in files.items():
+            (spool.incoming / name).write_bytes(data)
+        (spool.tmp / f"RB-EEEE-EEEE.{sibling.pid}.eml").write_bytes(b"being written")
+
+        assert spool.prepare() == 3
+
+        # Counted, not touched: every file is where it was, as it was.
+        assert {p.name: p.read_bytes() for p in spool.incoming.iterdir()} == files
+        assert [p.name for p in spool.tmp.iterdir()] == [f"RB-EEEE-EEEE.{sibling.pid}.eml"]
+        sibling.kill()
+        sibling.wait()
+        assert spool.prepare() == 4, "once the sibling is gone its message is left over too"
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
+def test_messages_left_over_are_reported_at_start_and_kept(
+    start: Callable[..., Running], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    left = incoming / f"RB-BBBB-BBBB.{dead_pid()}.eml"
+    left.write_bytes(crlf(build(STAFF, STAFF2)))
+
+    with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"):
+        gateway = start()
+    [warning] = [r for r in caplog.records if getattr(r, "event", None) == "spool_left_over"]
+    assert getattr(warning, "count", None) == 1 and "were not told 250" in warning.getMessage()
+
+    gate = gateway.next_hop.gate = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            sending = pool.submit(gateway.send, build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+            # While this process handles a message, its spool file carries its pid.
+            deadline = time.monotonic() + 5
+            while len(gateway.files("incoming")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            [mine] = [p for p in gateway.files("incoming") if p != left]
+            assert mine.name.endswith(f".{os.getpid()}.eml")
+        finally:
+            gate.set()
+        assert sending.result(10)[0] == 250
+    assert gateway.files("incoming") == [left] and len(gateway.next_hop.received) == 1
 
 
 # --- pieces --------------------------------------------------------------------------------------
