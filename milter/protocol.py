@@ -247,6 +247,9 @@ def _parse(code: bytes, data: bytes) -> Command:
     return UnrecognisedPacket(code, data)
 
 
+_LENGTH = struct.Struct("!I")
+
+
 @dataclass
 class Decoder:
     """Turns a byte stream into commands; keeps partial packets between feeds."""
@@ -255,20 +258,27 @@ class Decoder:
     _buffer: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[Command]:
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        # Packets are sliced straight out of what was read: no copy of the whole buffer per
+        # packet, and nothing kept when a read ends on a packet boundary (the usual case).
         commands: list[Command] = []
-        while len(self._buffer) >= 4:
-            (length,) = struct.unpack_from("!I", self._buffer)
+        position, end = 0, len(data)
+        while end - position >= 4:
+            (length,) = _LENGTH.unpack_from(data, position)
             if length < 1:
                 raise ProtocolError("zero-length packet")
             if length > self.max_packet:
                 raise ProtocolError(f"packet of {length} bytes exceeds the {self.max_packet}-byte limit")
-            if len(self._buffer) < 4 + length:
+            stop = position + 4 + length
+            if stop > end:
                 break
-            code = bytes(self._buffer[4:5])
-            payload = bytes(self._buffer[5 : 4 + length])
-            del self._buffer[: 4 + length]
-            commands.append(_parse(code, payload))
+            commands.append(_parse(data[position + 4 : position + 5], data[position + 5 : stop]))
+            position = stop
+        if position < end:
+            self._buffer += data[position:]
         return commands
 
     @property

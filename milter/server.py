@@ -147,30 +147,49 @@ class MilterSession:
             state.body.close()
         self.message = _MessageState()
 
-    def _quick_ack(self) -> None:
-        # With "no reply" steps the MTA sends packet after packet that we never answer;
-        # Postfix does not set TCP_NODELAY, so each of its writes waits for our ACK, which
-        # Linux delays by up to 40 ms. Asking for quick ACKs removes that wait.
+    def _tcp_socket(self) -> socket.socket | None:
+        """The connection's socket when it is TCP (quick ACKs apply), else None."""
         sock = self.writer.get_extra_info("socket")
         if (
             sock is not None
             and sock.family in (socket.AF_INET, socket.AF_INET6)
             and hasattr(socket, "TCP_QUICKACK")
         ):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            return sock  # type: ignore[no-any-return]
+        return None
+
+    def _check_idle(self) -> None:
+        """The idle timeout: one timer a connection, re-armed only when it fires (a timer
+        per read cost more than the rest of reading a packet)."""
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_read
+        if self.in_message or quiet < self.limits.idle_timeout:
+            self._watchdog = loop.call_later(max(self.limits.idle_timeout - quiet, 1.0), self._check_idle)
+            return
+        log.info("milter connection idle for %.0f s: closing", self.limits.idle_timeout)
+        self._idle_closed = True
+        # The pending read then sees end of file and run() ends as for a closed connection.
+        self.writer.close()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        self._idle_closed = False
+        self._watchdog = loop.call_later(self.limits.idle_timeout, self._check_idle)
+        # With "no reply" steps the MTA sends packet after packet that we never answer;
+        # Postfix does not set TCP_NODELAY, so each of its writes waits for our ACK, which
+        # Linux delays by up to 40 ms. Asking for quick ACKs (after every read: the kernel
+        # drops back to delayed ACKs on its own) removes that wait.
+        tcp = self._tcp_socket()
         try:
             while True:
-                try:
-                    data = await asyncio.wait_for(self.reader.read(65536 + 16), self.limits.idle_timeout)
-                except TimeoutError:
-                    log.info("milter connection idle for %.0f s: closing", self.limits.idle_timeout)
+                data = await self.reader.read(65536 + 16)
+                if not data or self._idle_closed:
                     return
-                if not data:
-                    return
-                self._quick_ack()
+                self._last_read = loop.time()
+                if tcp is not None:
+                    with contextlib.suppress(OSError):
+                        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 for command in self.decoder.feed(data):
                     if not await self._handle(command):
                         return
@@ -179,6 +198,7 @@ class MilterSession:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._watchdog.cancel()
             self._reset_message()
             self.writer.close()
 

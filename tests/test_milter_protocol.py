@@ -296,6 +296,43 @@ def test_codec_round_trip_and_limits() -> None:
         decoder.feed(struct.pack("!I", 101) + b"B")
 
 
+def test_decoder_gives_the_same_commands_however_the_stream_is_cut() -> None:
+    commands: list[p.Command] = [
+        p.Header("Subject", b" hello"),
+        p.BodyChunk(b"y" * 70_000),
+        p.EndOfHeaders(),
+        p.Header("To", b" a@example.org"),
+    ]
+    data = b"".join(p.encode_command(c) for c in commands)
+    for cut in [*range(0, 12), *range(len(data) - 40, len(data)), 35_000]:
+        for second in (cut, min(cut + 3, len(data)), len(data)):
+            decoder = p.Decoder(max_packet=1 << 17)
+            out = decoder.feed(data[:cut]) + decoder.feed(data[cut:second]) + decoder.feed(data[second:])
+            assert out == commands, (cut, second)
+            assert decoder.pending == 0
+
+
+def test_idle_connection_is_closed_and_the_server_goes_on(rules: Rules) -> None:
+    server = Running(rules, ServerLimits(idle_timeout=0.3))
+    try:
+        with server.connect() as sock:
+            (optneg,) = exchange(sock, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+            assert optneg[0] == "O"
+            started = time.monotonic()
+            sock.settimeout(5)
+            assert sock.recv(10) == b""  # closed by the server, not by us
+            assert 0.2 < time.monotonic() - started < 3
+        # A connection that keeps talking is not cut off, and new connections are served.
+        with server.connect() as sock:
+            # Offering no "no reply" steps: every HELO is answered with continue.
+            exchange(sock, p.OptionNegotiation(6, 0x1FF, 0), expect=1)
+            for _ in range(5):
+                time.sleep(0.1)
+                assert exchange(sock, p.Helo("client.example"), expect=1)[0][0] == "c"
+    finally:
+        server.close()
+
+
 def test_reply_code_multiline_and_escaping() -> None:
     ((kind, data),) = p.decode_replies(p.reply_code(550, "5.7.1", ["first 100% line", "Reference RB-1"]))
     assert kind == "y"
