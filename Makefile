@@ -26,7 +26,9 @@ run: $(VENV)/.installed system-packages
 	@$(BIN)/school-milter check-rules rules
 	@echo
 	@$(BIN)/school-milter scan rules/examples
-	@deploy/local-stack.sh start --with-daemon "$(CURDIR)/$(BIN)/school-milter --rules $(CURDIR)/rules serve --milter inet:127.0.0.1:8894 --metrics 127.0.0.1:9464 --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
+	@# The stack's gateway reads var/local-stack/rules: rules/ pointed at the stack's own clamd
+	@# (local-stack.sh writes it afresh on every start; edit rules/, never the copy).
+	@deploy/local-stack.sh start --with-daemon "$(CURDIR)/$(BIN)/school-milter --rules $(CURDIR)/var/local-stack/rules serve --milter inet:127.0.0.1:8894 --metrics 127.0.0.1:9464 --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
 	@echo
 	@echo "Also:"
 	@echo "  $(BIN)/school-milter scan message.eml --mail-from a.patel@redborne.example --rcpt x@example.org"
@@ -35,7 +37,8 @@ run: $(VENV)/.installed system-packages
 	@echo "  $(BIN)/school-milter quarantine release ID --reason '...' --database sqlite:///$(CURDIR)/var/quarantine.db --reinject 127.0.0.1:2527"
 	@echo "  $(BIN)/school-milter web-user add admin --role technician --database sqlite:///$(CURDIR)/var/quarantine.db"
 	@echo "  $(BIN)/school-milter web --database sqlite:///$(CURDIR)/var/quarantine.db --insecure-http-loopback   # console on 127.0.0.1:8080"
-	@echo "  deploy/local-stack.sh stop                                # stop Postfix, sink and gateway"
+	@echo "  deploy/local-stack.sh status                              # what runs, clamd's signatures"
+	@echo "  deploy/local-stack.sh stop                                # stop Postfix, sink, clamd and gateway"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check milter tests bench tools
