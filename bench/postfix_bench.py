@@ -15,7 +15,13 @@ message (smtp-sink -c). It prints both throughputs and their ratio; the target i
 ratio of at least 0.5. When the daemon does not exist yet, the second half says so and
 the first is still measured.
 
+With each throughput it prints the CPU time each part used per message (read from
+/proc: Postfix's master and every process under it, smtp-source, smtp-sink, the gateway
+and its workers, the private clamd). On a machine where all of them share few cores the
+ratio follows from these figures, so they say where the time goes.
+
     .venv/bin/python bench/postfix_bench.py [--count 2000] [--sessions 8] [--message FILE]
+        [--milter-socket inet|unix] [--gateway-arg=--workers=2]
 
 Needs root, Postfix (apt-get install postfix: smtp-source and smtp-sink come with it)
 and free loopback ports; it stops everything it starts.
@@ -25,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import os
 import random
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -98,6 +107,7 @@ class Result:
     count: int
     seconds: float  # first connection until the sink has every message
     injection_seconds: float  # until smtp-source had every message accepted by Postfix
+    cpu: dict[str, float]  # CPU seconds during the run, by part (Postfix, smtp-source, ...)
 
     @property
     def rate(self) -> float:
@@ -136,8 +146,10 @@ class SmtpSinkProcess:
 class GatewayDaemon:
     """The gateway's milter daemon, started as `python -m milter ... serve --milter inet:...`."""
 
-    def __init__(self, workdir: Path, rules: Path, port: int, extra_args: list[str] | None = None) -> None:
-        self.port = port
+    def __init__(
+        self, workdir: Path, rules: Path, socket_name: str, extra_args: list[str] | None = None
+    ) -> None:
+        self.socket_name = socket_name
         self.command = [
             sys.executable,
             "-m",
@@ -146,7 +158,7 @@ class GatewayDaemon:
             str(rules),
             "serve",
             "--milter",
-            f"inet:{LOOPBACK}:{port}",
+            socket_name,
             # No metrics listener: its fixed port would clash with a gateway already
             # running on this machine (the local stack). --gateway-arg can turn it on.
             "--metrics=",
@@ -183,11 +195,17 @@ class GatewayDaemon:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.tail()}")
             try:
-                wait_for_port(LOOPBACK, self.port, timeout=0.5)
-                return
+                _wait_for_socket(self.socket_name, timeout=0.5)
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the gateway is not listening after 30 s:\n{self.tail()}") from None
+                continue
+            kind, _, path = self.socket_name.partition(":")
+            if kind == "unix":
+                # The daemon makes its socket 0660 in its own group (root here); Postfix's
+                # smtpd and cleanup run as postfix, as deploy/README.md's group set-up allows.
+                os.chown(path, -1, grp.getgrnam("postfix").gr_gid)
+            return
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
@@ -196,6 +214,62 @@ class GatewayDaemon:
         if self.process is not None:
             _terminate(self.process)
             self.process = None
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of the process and of the children it has reaped)."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # ppid, then utime stime cutime cstime (fields 4 and 14-17 of proc(5)).
+        table[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / _TICK)
+    return table
+
+
+def tree_cpu(roots: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each named group of process trees. A process that ended
+    counts through its parent's reaped-children time, so Postfix's short-lived smtpd and
+    cleanup processes are included as long as their master is alive."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    totals: dict[str, float] = {}
+    for name, pids in roots.items():
+        todo, total = [p for p in pids if p in table], 0.0
+        while todo:
+            pid = todo.pop()
+            total += table[pid][1]
+            todo.extend(children.get(pid, ()))
+        totals[name] = total
+    return totals
+
+
+def _wait_for_socket(name: str, timeout: float) -> None:
+    """Until the milter socket (inet:HOST:PORT or unix:/path) accepts a connection."""
+    kind, _, where = name.partition(":")
+    if kind == "inet":
+        host, _, port = where.rpartition(":")
+        wait_for_port(host, int(port), timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(where)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nothing listens on {name}") from None
+        time.sleep(0.05)
 
 
 def _env() -> dict[str, str]:
@@ -224,6 +298,7 @@ def measure(
     sessions: int,
     milter: str | None,
     extra_main_cf: dict[str, str] | None = None,
+    gateway: dict[str, list[int]] | None = None,
 ) -> Result:
     """Send `count` copies through a fresh Postfix; the time until the sink has them all."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -252,9 +327,18 @@ def measure(
                 str(message),
                 f"{LOOPBACK}:{postfix.smtpd_port}",
             ]
+            assert sink.process is not None
+            roots = {
+                "Postfix": [postfix.master_pid() or -1],
+                "smtp-sink": [sink.process.pid],
+                **(gateway or {}),
+            }
+            cpu_before = tree_cpu(roots)
+            source_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             source = subprocess.run(command, capture_output=True, text=True, timeout=3600)
             injected = time.perf_counter() - start
+            source_after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if source.returncode != 0:
                 raise RuntimeError(
                     f"smtp-source failed (exit {source.returncode}): {source.stderr.strip()}\n"
@@ -268,15 +352,23 @@ def measure(
                     )
                 time.sleep(0.01)
             elapsed = time.perf_counter() - start
+            cpu_after = tree_cpu(roots)
     finally:
         sink.stop()
-    return Result(label, count, elapsed, injected)
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in roots}
+    cpu["smtp-source"] = (source_after.ru_utime + source_after.ru_stime) - (
+        source_before.ru_utime + source_before.ru_stime
+    )
+    return Result(label, count, elapsed, injected, cpu)
 
 
 def report(result: Result) -> str:
+    parts = ", ".join(f"{name} {1000 * seconds / result.count:.2f}" for name, seconds in result.cpu.items())
+    total = 1000 * sum(result.cpu.values()) / result.count
     return (
         f"  {result.label:<16} {result.count} messages in {result.seconds:6.2f} s: "
-        f"{result.rate:7.1f} messages/s  (Postfix accepted them all after {result.injection_seconds:.2f} s)"
+        f"{result.rate:7.1f} messages/s  (Postfix accepted them all after {result.injection_seconds:.2f} s)\n"
+        f"  {'':<16} CPU ms per message: {parts}; total {total:.2f} on {os.cpu_count()} cores"
     )
 
 
@@ -299,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="an extra argument for `serve` (repeat it), e.g. --gateway-arg=--workers=2",
+    )
+    parser.add_argument(
+        "--milter-socket",
+        choices=("inet", "unix"),
+        default="inet",
+        help="how Postfix reaches the gateway: a loopback TCP port or a UNIX socket (default inet)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     args = parser.parse_args(argv)
@@ -335,21 +433,31 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"  with the gateway: not measured: {missing}. Run this script again once it exists.")
             return 0
-        port = free_port()
         (workdir / "milter").mkdir(parents=True, exist_ok=True)
+        if args.milter_socket == "unix":
+            # Postfix (user postfix) must reach the socket through the private work directory.
+            for directory in (workdir, workdir / "milter"):
+                directory.chmod(0o711)
+            socket_name = f"unix:{workdir / 'milter' / 'school-milter.sock'}"
+        else:
+            socket_name = f"inet:{LOOPBACK}:{free_port()}"
         rules, scanner = rules_with_private_clamd(stack, workdir / "milter", args.rules)
         print(f"  virus scanning: {scanner}")
-        daemon = GatewayDaemon(workdir / "milter", rules, port, args.gateway_arg)
+        print(f"  milter socket: {args.milter_socket}")
+        daemon = GatewayDaemon(workdir / "milter", rules, socket_name, args.gateway_arg)
         try:
             daemon.start()
+            assert daemon.process is not None
+            clamd_pid = [int(path.read_text().strip()) for path in (workdir / "milter").glob("**/clamd.pid")]
             gated = measure(
                 "with the gateway",
                 workdir / "milter",
                 message,
                 args.count,
                 args.sessions,
-                f"inet:{LOOPBACK}:{port}",
+                socket_name,
                 extra_main_cf,
+                gateway={"gateway": [daemon.process.pid], "clamd": clamd_pid},
             )
         except RuntimeError as exc:
             print(f"  with the gateway: failed: {exc}", file=sys.stderr)
