@@ -40,6 +40,7 @@ WANTED_ACTIONS = p.ADD_HEADERS | p.CHANGE_HEADERS | p.QUARANTINE | p.SET_SYMLIST
 WANTED_PROTOCOL = (
     p.NO_UNKNOWN
     | p.NO_DATA
+    | p.NO_HELO
     | p.NR_CONNECT
     | p.NR_HELO
     | p.NR_MAIL
@@ -51,12 +52,15 @@ WANTED_PROTOCOL = (
     | p.NR_UNKNOWN
     | p.HEADER_LEADING_SPACE
 )
-# Only the macros the engine uses: client address and name, authenticated user, queue id.
+# Only the macros the engine uses: client address and name, authenticated user, queue id,
+# all asked for at MAIL FROM. The MTA then need not tell us of the connection or HELO at
+# all (two packets fewer a session for it to write and us to read); an MTA that cannot
+# take our macro list still sends the connection, where the client address is.
 WANTED_MACROS = {
-    p.STAGE_CONNECT: ["{client_addr}", "{client_name}"],
-    p.STAGE_MAIL: ["{auth_authen}", "i"],
+    p.STAGE_MAIL: ["{client_addr}", "{client_name}", "{auth_authen}", "i"],
     p.STAGE_EOM: ["i"],
 }
+SKIPPED_WITH_MACROS = p.NO_CONNECT
 NO_REPLY_FLAG: dict[type, int] = {
     p.Connect: p.NR_CONNECT,
     p.Helo: p.NR_HELO,
@@ -257,8 +261,9 @@ class MilterSession:
         if offer.version < 2:
             raise p.ProtocolError(f"milter protocol version {offer.version} is too old")
         self.actions = WANTED_ACTIONS & offer.actions
-        self.protocol = WANTED_PROTOCOL & offer.protocol
         macros = WANTED_MACROS if self.actions & p.SET_SYMLIST else None
+        wanted = WANTED_PROTOCOL | (SKIPPED_WITH_MACROS if macros else 0)
+        self.protocol = wanted & offer.protocol
         missing = WANTED_ACTIONS & ~offer.actions & ~p.SET_SYMLIST
         if missing:
             log.warning(

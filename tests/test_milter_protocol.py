@@ -248,23 +248,51 @@ def test_no_reply_steps_macros_and_connection_reuse(running: Running) -> None:
         assert optneg[0] == "O"
         version, _actions, proto = struct.unpack("!III", optneg[1][:12])
         assert version == 6 and proto & p.NR_HEADER and proto & p.NR_BODY and proto & p.HEADER_LEADING_SPACE
-        assert b"{client_addr}" in optneg[1] and b"{auth_authen}" in optneg[1]
+        # Everything it needs comes with MAIL FROM: the connection and HELO are skipped.
+        mail_stage = struct.pack("!I", p.STAGE_MAIL) + b"{client_addr} {client_name} {auth_authen} i\0"
+        assert mail_stage in optneg[1]
+        assert proto & p.NO_CONNECT and proto & p.NO_HELO
         # Untrusted client, but authenticated: guidance-worthy outbound reject.
         replies = exchange(
             sock,
-            p.DefineMacros("C", {"client_addr": "198.51.100.7"}),
-            p.Connect("client.example", "4", 4000, "198.51.100.7"),
-            p.DefineMacros("M", {"auth_authen": "j.hughes@redborne.example", "i": "4ABC123"}),
+            p.DefineMacros(
+                "M",
+                {"client_addr": "198.51.100.7", "auth_authen": "j.hughes@redborne.example", "i": "4ABC123"},
+            ),
             *message,
         )
         assert [r[0] for r in replies][-1:] == ["y"] and b"550 5.7.1" in replies[-1][1]
         assert running.decision(1).queue_id == "4ABC123"
         # QUIT_NC: a new SMTP session on the same socket; the old login must not carry over.
-        replies = exchange(sock, p.QuitNewConnection(), p.Connect("c", "4", 1, "198.51.100.7"), *message)
+        replies = exchange(
+            sock, p.QuitNewConnection(), p.DefineMacros("M", {"client_addr": "198.51.100.7"}), *message
+        )
         kinds = [r[0] for r in replies]
         assert "q" in kinds and kinds[-1] == "c", "unauthenticated school sender from outside: quarantined"
         # An unknown command letter is answered with continue, not a dropped connection.
         assert exchange(sock, p.UnrecognisedPacket(b"Z", b"x"), expect=1)[0][0] == "c"
+
+
+def test_without_a_macro_list_the_connection_is_still_asked_for(running: Running) -> None:
+    """An MTA that cannot take our macro list tells us the client address at CONNECT only."""
+    raw = build("j.hughes@redborne.example", "x@elsewhere.example", "x", "bullshit")
+    headers, body = split_message(raw)
+    with running.connect() as sock:
+        (optneg,) = exchange(sock, p.OptionNegotiation(6, 0x1FF & ~p.SET_SYMLIST, 0x1FFFFF), expect=1)
+        _version, _actions, proto = struct.unpack("!III", optneg[1][:12])
+        assert not proto & p.NO_CONNECT and proto & p.NR_CONNECT and proto & p.NO_HELO
+        replies = exchange(
+            sock,
+            p.Connect("client.example", "4", 4000, "198.51.100.7"),
+            p.MailFrom("j.hughes@redborne.example"),
+            p.RcptTo("x@elsewhere.example"),
+            *[p.Header(n, b" " + v.encode()) for n, v in headers],
+            p.EndOfHeaders(),
+            p.BodyChunk(body),
+            p.EndOfMessage(),
+        )
+        # From outside and not signed in: held, which needs the connection's address.
+        assert "q" in [r[0] for r in replies]
 
 
 def test_oversized_packet_closes_connection(running: Running) -> None:
