@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
-# Debian packages (Postfix for the integration tests and the local stack, swaks, systemd).
+# Debian packages (Postfix for the integration tests and the local stack, swaks, systemd),
+# and Debian's Sendmail unpacked beside Postfix for the Sendmail tests (never installed).
 system-packages:
 	@bash deploy/install-system-packages.sh
+	@bash deploy/install-sendmail-for-tests.sh
 
 run: $(VENV)/.installed system-packages
 	@$(BIN)/school-milter check-rules rules
