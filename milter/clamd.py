@@ -170,6 +170,12 @@ class ClamdClient:
         view = memoryview(data).cast("B")
         if self.max_stream is not None and len(view) > self.max_stream:
             return self._over_max_stream(len(view))
+        if len(view) <= self.chunk_size:
+            # Most mail is one chunk: the command, the chunk and the end marker go in one
+            # write. clamd cannot answer before it has the chunk, so there is no early reply
+            # to look for between them, and the stream clamd reads is the same bytes.
+            sized = (struct.pack(">I", len(view)), view) if len(view) else ()
+            return parse_scan_reply(self._command(b"".join((b"zINSTREAM\0", *sized, _END_OF_STREAM))))
         chunks = (view[i : i + self.chunk_size] for i in range(0, len(view), self.chunk_size))
         return self._instream(chunks)
 

@@ -154,18 +154,116 @@ _re_for_parser.__dict__.update(vars(re))
 _re_for_parser.compile = _compile  # type: ignore[attr-defined]
 
 
+_STDLIB_EOL = email.feedparser.NLCRE_eol  # type: ignore[attr-defined]
+
+
+class _EolPattern:
+    """`NLCRE_eol` (a line ending at the very end), searched from where a match can start.
+
+    The stdlib searches each part's whole payload with it, trying every position of a long
+    body; the match can only start at one of the last two characters, so the search starts
+    there and finds the same match.
+    """
+
+    __slots__ = ()
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return _STDLIB_EOL.search(text, max(0, len(text) - 2))  # type: ignore[no-any-return]
+
+
 _stdlib_parsegen = FeedParser._parsegen  # type: ignore[attr-defined]
+# Neither is in typeshed's stub of email.feedparser.
+_NEED_MORE_DATA: object = email.feedparser.NeedMoreData  # type: ignore[attr-defined]
+_BufferedSubFile: Any = email.feedparser.BufferedSubFile  # type: ignore[attr-defined]
+
+
+class _LineBuffer(_BufferedSubFile):  # type: ignore[misc]
+    """The stdlib's line buffer, asking its end-of-part predicates only about lines that can match.
+
+    Every body line is checked against the boundary of each enclosing multipart: two or three
+    Python calls a line, most of a leaf part's parse. When every predicate on the stack is a
+    `_BoundaryPattern.match`, a line can only match if it starts with one of their separators,
+    which one `str.startswith` with a tuple answers in C; only such lines go to the predicates.
+    Any other predicate (the stdlib pushes a compiled regex for message/delivery-status) makes
+    every line go to the predicates, as in the stdlib.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Separators of the predicates on the stack, or None when one is not a boundary.
+        self._prefixes: tuple[str, ...] | None = ()
+
+    def _restack(self) -> None:
+        prefixes: list[str] = []
+        for pred in self._eofstack:
+            owner = getattr(pred, "__self__", None)
+            if type(owner) is not _BoundaryPattern or pred.__func__ is not _BoundaryPattern.match:
+                self._prefixes = None
+                return
+            prefixes.append(owner._separator)
+        self._prefixes = tuple(prefixes)
+
+    def push_eof_matcher(self, pred: Any) -> None:
+        self._eofstack.append(pred)
+        self._restack()
+
+    def pop_eof_matcher(self) -> Any:
+        pred = self._eofstack.pop()
+        self._restack()
+        return pred
+
+    def readline(self) -> Any:
+        lines = self._lines
+        if not lines:
+            return "" if self._closed else _NEED_MORE_DATA
+        line = lines.popleft()
+        prefixes = self._prefixes
+        if prefixes is None or (prefixes and line.startswith(prefixes)):
+            # RFC 2046: outer boundaries count at any depth, most nested first (as the stdlib).
+            for ateof in reversed(self._eofstack):
+                if ateof(line):
+                    lines.appendleft(line)
+                    return ""
+        return line
+
+    def __next__(self) -> Any:
+        # readline() written out again: this runs once per body line.
+        lines = self._lines
+        if not lines:
+            if self._closed:
+                raise StopIteration
+            return _NEED_MORE_DATA
+        line = lines.popleft()
+        prefixes = self._prefixes
+        if prefixes is None or (prefixes and line.startswith(prefixes)):
+            for ateof in reversed(self._eofstack):
+                if ateof(line):
+                    lines.appendleft(line)
+                    raise StopIteration
+        if not line:  # an end of input the parser pushed back with unreadline()
+            raise StopIteration
+        return line
+
+
+# _LineBuffer relies on the stdlib buffer's private state; a Python whose buffer keeps it
+# differently gets the stdlib's own buffer (slower, same result).
+_LINE_BUFFER_FITS = all(hasattr(_BufferedSubFile(), name) for name in ("_lines", "_eofstack", "_closed"))
 
 
 class _FeedParser(FeedParser):
     # The stdlib method itself, looking up `re` in a namespace of its own.
     _parsegen = types.FunctionType(
         _stdlib_parsegen.__code__,
-        {**vars(email.feedparser), "re": _re_for_parser},
+        {**vars(email.feedparser), "re": _re_for_parser, "NLCRE_eol": _EolPattern()},
         _stdlib_parsegen.__name__,
         _stdlib_parsegen.__defaults__,
         _stdlib_parsegen.__closure__,
     )
+
+    def __init__(self, *, policy: Any) -> None:
+        super().__init__(policy=policy)
+        if _LINE_BUFFER_FITS:
+            self._input = _LineBuffer()
 
 
 def _parse(raw: bytes) -> StdMessage:
@@ -308,11 +406,27 @@ class Message:
         return part.get_content_maintype() not in ("text", "multipart", "message")
 
     @cached_property
+    def _part_facts(self) -> dict[int, tuple[str, bool]]:
+        return {}
+
+    def _facts(self, part: StdMessage) -> tuple[str, bool]:
+        """A leaf's decoded file name and whether it is an attachment, worked out once per message.
+
+        Both `attachments` and `_text_parts` need them; the file name alone is two header
+        parameter parses. Keyed by identity: the parts live as long as the message.
+        """
+        found = self._part_facts.get(id(part))
+        if found is None:
+            filename = self._filename(part)
+            found = self._part_facts[id(part)] = (filename, self._is_attachment(part, filename))
+        return found
+
+    @cached_property
     def attachments(self) -> list[Attachment]:
         out: list[Attachment] = []
         for part in self._leaves:
-            filename = self._filename(part)
-            if not self._is_attachment(part, filename):
+            filename, is_attachment = self._facts(part)
+            if not is_attachment:
                 continue
             raw_payload = part.get_payload()
             size = len(raw_payload) if isinstance(raw_payload, str | bytes) else 0
@@ -327,7 +441,7 @@ class Message:
         parts: list[tuple[str, str]] = []
         budget = TEXT_SCAN_LIMIT
         for part in self._leaves:
-            if part.get_content_maintype() != "text" or self._is_attachment(part, self._filename(part)):
+            if part.get_content_maintype() != "text" or self._facts(part)[1]:
                 continue
             try:
                 data = part.get_payload(decode=True)

@@ -86,6 +86,10 @@ def extract_urls(text: str) -> list[str]:
     are not part of it. Each URL is returned once, in order of first
     appearance, exactly as written (a bare "www.x" stays bare; url_host() reads it).
     """
+    # Every match holds "://" or, in any case, "www.": most text has neither, and these two
+    # substring tests are much cheaper than the regex trying every h, f and w of the text.
+    if "://" not in text and "www." not in text.lower():
+        return []
     found: dict[str, None] = {}  # a dict keeps first-seen order and drops repeats
     for match in _URL_RE.finditer(text):
         url = _trim_url(match.group())

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import email.feedparser
 import pickle
 import random
 import re
+import socket
+import struct
+import tempfile
+import threading
 from email import policy
+from email.message import EmailMessage
 from email.message import Message as StdMessage
 from email.parser import BytesParser
+from pathlib import Path
 
 import pytest
 
-from milter import filetypes, message, normalize
+from milter import filetypes, message, normalize, urls
+from milter.clamd import ClamdClient, ClamdResult
 from milter.detectors import shouting
 from milter.filetypes import FileType, identify
+from milter.policy.loader import Rules
 from milter.textview import html_view
 from tests import samples
+from tests.conftest import SHARED
+from tests.mail import build
 
 # --- message: the stdlib parser without a regex compile per boundary ---------------------------
 
@@ -86,6 +97,98 @@ def test_parse_gives_the_stdlib_tree_for_nested_and_chunk_straddling_messages() 
         )
     for raw in raws:
         assert shape(message._parse(raw)) == shape(BytesParser(policy=policy.compat32).parsebytes(raw))
+
+
+NESTED_MESSAGES = [
+    (
+        b'From: a@b.example\nContent-Type: multipart/mixed; boundary="outer"\n\npreamble\n--outer\n'
+        b'Content-Type: multipart/alternative; boundary="inner"\n\n--inner\nContent-Type: text/plain\n\n'
+        b"plain\n--outer-looks-like-a-boundary\n--inner\nContent-Type: text/html\n\n<p>html</p>\n--inner--\n"
+        b"inner epilogue\n--outer\nContent-Type: message/rfc822\n\nSubject: inner\n\nbody\n--outer\n"
+        b'Content-Type: multipart/report; boundary="r"\n\n--r\nContent-Type: message/delivery-status\n\n'
+        b"Reporting-MTA: dns; x\n\nFinal-Recipient: rfc822; y\n--r--\n--outer--\nepilogue\n"
+    ),
+    (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n--b\r\n\r\ndouble boundary\r\n'
+        b"--b \t\r\nno headers\r\n--b--"
+    ),
+]
+
+
+@pytest.mark.parametrize("base", NESTED_MESSAGES, ids=["nested", "crlf"])
+def test_parse_gives_the_stdlib_tree_for_every_truncation(base: bytes) -> None:
+    # A message cut short anywhere: an end of input inside a part, on a boundary line, or
+    # just after one (where the stdlib pushes the end of input back and reads it again).
+    cuts = sorted({i for i in range(len(base) + 1) if i in (0, len(base)) or base[i - 1 : i] in b"\r\n-"})
+    for cut in cuts:
+        raw = base[:cut]
+        assert shape(message._parse(raw)) == shape(BytesParser(policy=policy.compat32).parsebytes(raw)), cut
+
+
+def test_end_of_line_search_from_the_last_two_characters_finds_the_stdlibs_match() -> None:
+    rng = random.Random(3)
+    stdlib = email.feedparser.NLCRE_eol  # type: ignore[attr-defined]
+    texts = ["", "\n", "\r", "\r\n", "\n\r", "x\r\n", "x\n\n", "\r\r", "x"]
+    texts += ["".join(rng.choice("\r\nx ") for _ in range(rng.randint(0, 8))) for _ in range(5_000)]
+    for text in texts:
+        got, want = message._EolPattern().search(text), stdlib.search(text)
+        assert (got and (got.group(0), got.span())) == (want and (want.group(0), want.span())), repr(text)
+
+
+# --- message: a part's file name and attachment status worked out once --------------------------
+
+
+def plain_attachments(msg: message.Message) -> list[tuple[str, str, int]]:
+    """`Message.attachments` as it was written before the per-part facts were kept."""
+    out = []
+    for part in msg._leaves:
+        filename = message.Message._filename(part)
+        if not message.Message._is_attachment(part, filename):
+            continue
+        raw_payload = part.get_payload()
+        size = len(raw_payload) if isinstance(raw_payload, str | bytes) else 0
+        if part.get("content-transfer-encoding", "").strip().lower() == "base64":
+            size = size * 3 // 4
+        out.append((filename, part.get_content_type(), size))
+    return out
+
+
+def plain_text_part_types(msg: message.Message) -> list[str]:
+    """The subtypes `_text_parts` keeps, chosen as before the per-part facts were kept."""
+    kept = []
+    for part in msg._leaves:
+        if part.get_content_maintype() != "text" or message.Message._is_attachment(
+            part, message.Message._filename(part)
+        ):
+            continue
+        kept.append(part.get_content_subtype())
+    return kept
+
+
+def attachment_test_messages() -> list[bytes]:
+    made = EmailMessage()
+    made["Subject"] = "parts"
+    made.set_content("body text")
+    made.add_alternative("<p>html</p>", subtype="html")
+    made.add_attachment(b"%PDF-1.4 x", maintype="application", subtype="pdf", filename="trip.pdf")
+    made.add_attachment("notes", subtype="plain", filename="=?utf-8?q?n=C3=B6tes?=.txt")
+    made.add_attachment(b"GIF89a", maintype="image", subtype="gif")  # no name: still an attachment
+    inline = EmailMessage()
+    inline.set_content("inline text, but a named part")
+    inline.replace_header("Content-Type", 'text/plain; name="shown.txt"')
+    raws = [made.as_bytes(), inline.as_bytes(), b"Subject: bare\n\nno MIME at all\n"]
+    corpora = SHARED / "corpora"
+    if corpora.is_dir():
+        raws += [p.read_bytes() for p in sorted(corpora.rglob("*.eml"))[:80]]
+    return raws
+
+
+def test_attachments_and_text_parts_are_chosen_as_before() -> None:
+    for raw in attachment_test_messages():
+        msg = message.Message(raw)
+        attachments = [(a.filename, a.content_type, a.size) for a in msg.attachments]
+        assert attachments == plain_attachments(message.Message(raw))
+        assert [subtype for subtype, _ in msg._text_parts] == plain_text_part_types(message.Message(raw))
 
 
 def test_boundary_patterns_are_matched_without_compiling_and_others_are_compiled() -> None:
@@ -154,6 +257,66 @@ def test_two_caps_words_search_over_classes_matches_the_regex() -> None:
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20_000)]
     for text in texts:
         assert shouting._has_two_caps_words(text) == bool(shouting._TWO_CAPS_WORDS.search(text)), repr(text)
+
+
+def reference_longest_caps_run(text: str) -> int:
+    """longest_caps_run with its regular expressions over the text itself, as first written."""
+    best = run = 0
+    last_end = -1
+    for m in shouting._CAPS_WORD.finditer(text):
+        gap = text[last_end : m.start()] if last_end >= 0 else ""
+        run = run + 1 if last_end >= 0 and not shouting._LETTER.search(gap) and "\n\n" not in gap else 1
+        best = max(best, run)
+        last_end = m.end()
+    return best
+
+
+def test_longest_caps_run_with_its_shortcuts_matches_the_plain_walk() -> None:
+    rng = random.Random(13)
+    alphabet = ["A", "B", "Z", "a", "z", "'", "’", " ", ".", "\n", "1", "_", "é", "É", "😀", "\udcff"]
+    texts = ["", "A", "AB", "A'", "’A", "I am", "OK then", "HELLO WORLD AGAIN", "a\n\nNO WAY", "É'A", "_AB_"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20_000)]
+    for text in texts:
+        assert shouting.longest_caps_run(text) == reference_longest_caps_run(text), repr(text)
+
+
+# --- urls: text without "://" or "www." is not searched -------------------------------------------
+
+
+def reference_extract_urls(text: str) -> list[str]:
+    found: dict[str, None] = {}
+    for match in urls._URL_RE.finditer(text):
+        url = urls._trim_url(match.group())
+        prefix = url.find("//") + 2 if url[:1] in "hHfF" else 4
+        if len(url) > prefix and url not in found:
+            found[url] = None
+    return list(found)
+
+
+def test_extract_urls_with_its_shortcut_matches_the_plain_search() -> None:
+    rng = random.Random(17)
+    pieces = [
+        "http",
+        "HTTPS",
+        "ftp",
+        "://",
+        ":/",
+        "www",
+        "WwW",
+        "ww",
+        ".",
+        "x",
+        "example",
+        "/",
+        " ",
+        "\n",
+        "@",
+    ]
+    pieces += ["é", "İ", "ﬃ", "\u200b", ")", "("]
+    texts = ["", "see www.example.org.", "HTTP://A.EXAMPLE/x", "awww.x", "wWw.x", "ftp://f", "no links"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) for _ in range(20_000)]
+    for text in texts:
+        assert urls.extract_urls(text) == reference_extract_urls(text), repr(text)
 
 
 # --- normalize: rare spots found over classes and a big-integer comparison ----------------------
@@ -291,3 +454,81 @@ def test_filetype_is_a_value_whether_or_not_its_description_was_looked_up_late()
         assert copy.deepcopy(filetype) == filetype
         with pytest.raises(dataclasses.FrozenInstanceError):
             filetype.kind = "other"  # type: ignore[misc]
+
+
+# --- clamd: a message of one chunk goes in one write ---------------------------------------------
+
+
+class RecordingClamd:
+    """A UNIX socket that reads one INSTREAM request to its end and answers it like clamd."""
+
+    def __init__(self, path: Path) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen()
+        self.address = f"unix:{path}"
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not self.complete(data):
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    data += more
+                self.received.append(data)
+                conn.sendall(b"stream: OK\0")
+
+    @staticmethod
+    def complete(data: bytes) -> bool:
+        at = len(b"zINSTREAM\0")
+        while len(data) >= at + 4:
+            (size,) = struct.unpack(">I", data[at : at + 4])
+            if size == 0:
+                return True
+            at += 4 + size
+        return False
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 64 * 1024])
+def test_one_chunk_is_sent_in_one_write_as_the_same_stream(size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = RecordingClamd(Path(tmp) / "clamd.sock")
+        client = ClamdClient(fake.address, timeout=5)
+        data = bytes(random.Random(size).randrange(256) for _ in range(size))
+        assert client.scan_bytes(data) == ClamdResult("clean")  # the one-write path
+        # The chunk loop, given the same chunks scan_bytes would have cut.
+        assert client._instream(iter([data] if data else [])) == ClamdResult("clean")
+        fake.server.close()
+        first, second = fake.received
+        assert (
+            first == second == b"zINSTREAM\0" + (struct.pack(">I", size) + data if size else b"") + b"\0" * 4
+        )
+
+
+def test_a_scan_reuses_no_text_normalised_for_an_earlier_message(rules: Rules) -> None:
+    """normalize_cached shares work between one message's detectors, never between messages:
+    a benchmark sending the same message again and again must pay for each copy."""
+    from milter.engine import scan
+    from milter.envelope import Envelope
+
+    raw = build("j.hughes@redborne.example", "parent@example.org", "Trip", "Dear parents, " * 200)
+    envelope = Envelope(mail_from="j.hughes@redborne.example", rcpt_to=("parent@example.org",))
+    normalize.normalize_cached.cache_clear()
+    scan(raw, envelope, rules)
+    first = normalize.normalize_cached.cache_info()
+    assert first.misses >= 1, "the scan normalises the body"
+    scan(raw, envelope, rules)
+    second = normalize.normalize_cached.cache_info()
+    # Each scan starts from an empty cache (counters included): the second copy's hits are
+    # only its own detectors sharing texts, as the first's were; none came from the first.
+    assert second.hits >= 1, "detectors of one message share the normalised body"
+    assert (second.hits, second.misses) == (first.hits, first.misses)

@@ -51,15 +51,23 @@ _CLASSES = bytes(
 _TWO_CAPS_CLASSES = re.compile(rb"U[Uq]+[q.]+U[Uq]")
 
 
+def _classes(text: str) -> bytes:
+    # One byte per character: ’ is an apostrophe; other non-ASCII characters become "?" (".").
+    return text.replace("’", "'").encode("ascii", "replace").translate(_CLASSES)
+
+
 def _has_two_caps_words(text: str) -> bool:
     """Whether _TWO_CAPS_WORDS matches `text`."""
-    # One byte per character: ’ is an apostrophe; other non-ASCII characters become "?" (".").
-    data = text.replace("’", "'").encode("ascii", "replace")
-    return _TWO_CAPS_CLASSES.search(data.translate(_CLASSES)) is not None
+    return _TWO_CAPS_CLASSES.search(_classes(text)) is not None
 
 
 def longest_caps_run(text: str) -> int:
-    if not _has_two_caps_words(text):
+    classes = _classes(text)
+    if _TWO_CAPS_CLASSES.search(classes) is None:
+        # _CAPS_WORD needs a capital followed by a capital or an apostrophe: without one
+        # anywhere (most bodies) there is no need to run it, character by character, at all.
+        if b"UU" not in classes and b"Uq" not in classes:
+            return 0
         return 1 if _CAPS_WORD.search(text) else 0
     best = run = 0
     last_end = -1
