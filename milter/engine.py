@@ -11,6 +11,7 @@ from milter.detectors.registry import active
 from milter.envelope import Envelope
 from milter.findings import Finding
 from milter.message import Message
+from milter.normalize import normalize_cached
 from milter.policy.loader import Rules
 from milter.verdict import Verdict
 
@@ -41,6 +42,9 @@ def run_detectors(message: Message, ctx: Context, rules: Rules) -> tuple[list[Fi
 
 
 def scan(raw: bytes, envelope: Envelope, rules: Rules, reference: str | None = None) -> Scan:
+    # Each message pays for its own text normalisation (see normalize_cached). Another
+    # thread's scan may lose its shared copies too: a recomputation, never a wrong result.
+    normalize_cached.cache_clear()
     message = Message(raw)
     try:
         ctx = derive_context(envelope, message, rules)
