@@ -108,6 +108,7 @@ class Result:
     seconds: float  # first connection until the sink has every message
     injection_seconds: float  # until smtp-source had every message accepted by Postfix
     cpu: dict[str, float]  # CPU seconds during the run, by part (Postfix, smtp-source, ...)
+    machine_busy: float  # share of the machine's CPU time that was busy (anyone's), 0-1
 
     @property
     def rate(self) -> float:
@@ -234,6 +235,13 @@ def _process_table() -> dict[int, tuple[int, float]]:
     return table
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / _TICK, idle / _TICK
+
+
 def tree_cpu(roots: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds used so far by each named group of process trees. A process that ended
     counts through its parent's reaped-children time, so Postfix's short-lived smtpd and
@@ -334,6 +342,7 @@ def measure(
                 **(gateway or {}),
             }
             cpu_before = tree_cpu(roots)
+            machine_before = machine_cpu()
             source_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             source = subprocess.run(command, capture_output=True, text=True, timeout=3600)
@@ -353,22 +362,29 @@ def measure(
                 time.sleep(0.01)
             elapsed = time.perf_counter() - start
             cpu_after = tree_cpu(roots)
+            machine_after = machine_cpu()
     finally:
         sink.stop()
     cpu = {name: cpu_after[name] - cpu_before[name] for name in roots}
     cpu["smtp-source"] = (source_after.ru_utime + source_after.ru_stime) - (
         source_before.ru_utime + source_before.ru_stime
     )
-    return Result(label, count, elapsed, injected, cpu)
+    busy, idle = (after - before for after, before in zip(machine_after, machine_before, strict=True))
+    return Result(label, count, elapsed, injected, cpu, busy / (busy + idle) if busy + idle else 0.0)
 
 
 def report(result: Result) -> str:
     parts = ", ".join(f"{name} {1000 * seconds / result.count:.2f}" for name, seconds in result.cpu.items())
     total = 1000 * sum(result.cpu.values()) / result.count
+    cores = os.cpu_count() or 1
+    ours = sum(result.cpu.values()) / (result.seconds * cores)
     return (
         f"  {result.label:<16} {result.count} messages in {result.seconds:6.2f} s: "
         f"{result.rate:7.1f} messages/s  (Postfix accepted them all after {result.injection_seconds:.2f} s)\n"
-        f"  {'':<16} CPU ms per message: {parts}; total {total:.2f} on {os.cpu_count()} cores"
+        f"  {'':<16} CPU ms per message: {parts}; total {total:.2f}\n"
+        # When other work shares the machine the throughputs are not comparable: say so.
+        f"  {'':<16} machine ({cores} cores) busy {result.machine_busy:.0%}: this benchmark {ours:.0%}, "
+        f"other processes {max(result.machine_busy - ours, 0):.0%}"
     )
 
 
