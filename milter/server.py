@@ -77,8 +77,15 @@ NO_REPLY_FLAG: dict[type, int] = {
 @dataclass(frozen=True)
 class ServerLimits:
     max_connections: int = 200
-    # Between two commands from the MTA; Postfix keeps a milter connection for a whole session.
+    # Timeouts by stage. Between two commands from the MTA; Postfix keeps a milter
+    # connection for a whole SMTP session, whose own commands may each take minutes.
     idle_timeout: float = 900.0
+    # From connecting to option negotiation: an MTA sends it at once.
+    negotiate_timeout: float = 30.0
+    # From the first bytes of a packet to its last: a packet (at most 64 KiB of body,
+    # max_packet in all) is written in one go, so a packet that stalls is a stuck peer,
+    # even one that trickles a byte now and then to dodge idle_timeout.
+    packet_timeout: float = 120.0
     scan_timeout: float = 120.0
     # Keep-alives while a scan runs, well inside Postfix's milter_content_timeout (300 s).
     progress_interval: float = 10.0
@@ -136,6 +143,9 @@ class MilterSession:
         # Scanning and answering a message: what SIGTERM lets finish. A message still being
         # transferred is cut off; the MTA tempfails it and the sender retries.
         self.in_message = False
+        # The stage timeouts' single timer and when it is due (see _check_idle).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_due = 0.0
         self._reset_connection()
 
     def _reset_connection(self) -> None:
@@ -162,24 +172,46 @@ class MilterSession:
             return sock  # type: ignore[no-any-return]
         return None
 
-    def _check_idle(self) -> None:
-        """The idle timeout: one timer a connection, re-armed only when it fires (a timer
-        per read cost more than the rest of reading a packet)."""
+    def _deadline(self) -> tuple[float, str]:
+        """When this connection has waited too long, by the stage it is in, and the stage."""
+        limits = self.limits
+        candidates = [(self._last_read + limits.idle_timeout, "idle")]
+        if not self._negotiated:
+            candidates.append((self._connected + limits.negotiate_timeout, "negotiation"))
+        if self._packet_started is not None:
+            candidates.append((self._packet_started + limits.packet_timeout, "packet"))
+        return min(candidates)
+
+    def _arm(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._last_read
-        if self.in_message or quiet < self.limits.idle_timeout:
-            self._watchdog = loop.call_later(max(self.limits.idle_timeout - quiet, 1.0), self._check_idle)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog_due = deadline
+        self._watchdog = loop.call_at(max(deadline, loop.time() + 0.05), self._check_idle)
+
+    def _check_idle(self) -> None:
+        """The stage timeouts: one timer a connection, moved only when it fires or a stricter
+        deadline begins (a timer per read cost more than the rest of reading a packet)."""
+        loop = asyncio.get_running_loop()
+        deadline, stage = self._deadline()
+        if self.in_message:
+            # Scanning: the scan has its own timeout; the MTA waits for our answer.
+            deadline = loop.time() + self.limits.idle_timeout
+        if loop.time() < deadline:
+            self._arm(deadline)
             return
-        log.info("milter connection idle for %.0f s: closing", self.limits.idle_timeout)
+        log.info("milter connection stalled (%s timeout): closing", stage)
         self._idle_closed = True
         # The pending read then sees end of file and run() ends as for a closed connection.
         self.writer.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._last_read = loop.time()
+        self._last_read = self._connected = loop.time()
+        self._negotiated = False
+        self._packet_started: float | None = None
         self._idle_closed = False
-        self._watchdog = loop.call_later(self.limits.idle_timeout, self._check_idle)
+        self._arm(self._deadline()[0])
         # With "no reply" steps the MTA sends packet after packet that we never answer;
         # Postfix does not set TCP_NODELAY, so each of its writes waits for our ACK, which
         # Linux delays by up to 40 ms. Asking for quick ACKs (after every read: the kernel
@@ -190,11 +222,19 @@ class MilterSession:
                 data = await self.reader.read(65536 + 16)
                 if not data or self._idle_closed:
                     return
-                self._last_read = loop.time()
+                self._last_read = now = loop.time()
                 if tcp is not None:
                     with contextlib.suppress(OSError):
                         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                for command in self.decoder.feed(data):
+                commands = self.decoder.feed(data)
+                if not self.decoder.pending:
+                    self._packet_started = None
+                elif commands or self._packet_started is None:
+                    # A packet left half-read: its own, shorter deadline starts now.
+                    self._packet_started = now
+                    if now + self.limits.packet_timeout < self._watchdog_due:
+                        self._arm(now + self.limits.packet_timeout)
+                for command in commands:
                     if not await self._handle(command):
                         return
         except p.ProtocolError as exc:
@@ -202,7 +242,8 @@ class MilterSession:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self._reset_message()
             self.writer.close()
 
@@ -258,6 +299,7 @@ class MilterSession:
         return True
 
     async def _negotiate(self, offer: p.OptionNegotiation) -> None:
+        self._negotiated = True
         if offer.version < 2:
             raise p.ProtocolError(f"milter protocol version {offer.version} is too old")
         self.actions = WANTED_ACTIONS & offer.actions

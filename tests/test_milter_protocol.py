@@ -361,6 +361,79 @@ def test_idle_connection_is_closed_and_the_server_goes_on(rules: Rules) -> None:
         server.close()
 
 
+def test_connection_that_never_negotiates_is_closed_after_negotiate_timeout(rules: Rules) -> None:
+    server = Running(rules, ServerLimits(idle_timeout=30, negotiate_timeout=0.3))
+    try:
+        with server.connect() as sock:
+            started = time.monotonic()
+            sock.settimeout(10)
+            assert sock.recv(10) == b""
+            assert 0.2 < time.monotonic() - started < 5
+    finally:
+        server.close()
+
+
+def test_packet_trickled_in_is_closed_after_packet_timeout(rules: Rules) -> None:
+    """A peer sending a byte now and then never trips idle_timeout; the packet deadline
+    stops it holding the connection."""
+    server = Running(rules, ServerLimits(idle_timeout=30, packet_timeout=0.5))
+    try:
+        with server.connect() as sock:
+            exchange(sock, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+            packet = p.encode_command(p.BodyChunk(b"x" * 1000))
+            started = time.monotonic()
+            closed = False
+            for byte in packet[:40]:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.1)
+            sock.settimeout(10)
+            assert closed or sock.recv(10) == b""
+            assert time.monotonic() - started < 5
+    finally:
+        server.close()
+
+
+def test_long_body_streamed_steadily_outlasts_packet_timeout(rules: Rules) -> None:
+    """Each packet completes quickly, so a message taking many packet_timeouts in all is fine."""
+    server = Running(rules, ServerLimits(idle_timeout=30, packet_timeout=0.3))
+    raw = build("j.hughes@redborne.example", "a.patel@redborne.example", "Minutes", "All fine.\n" * 5)
+    headers, body = split_message(raw)
+    try:
+        with server.connect() as sock:
+            exchange(sock, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+            sock.sendall(
+                b"".join(
+                    p.encode_command(c)
+                    for c in (
+                        p.MailFrom("j.hughes@redborne.example"),
+                        p.RcptTo("a.patel@redborne.example"),
+                        *[p.Header(n, b" " + v.encode()) for n, v in headers],
+                        p.EndOfHeaders(),
+                    )
+                )
+            )
+            chunk = p.encode_command(p.BodyChunk(b"More text, all of it ordinary.\r\n" * 30))
+            stream = chunk * 8
+            # Writes that each finish one packet and start the next, 0.2 s apart: some packet
+            # is always half-read, for 1.8 s in all, yet none of them for long.
+            writes = [stream[:500]] + [
+                stream[i : i + len(chunk)] for i in range(500, len(stream), len(chunk))
+            ]
+            started = time.monotonic()
+            for piece in writes:
+                sock.sendall(piece)
+                time.sleep(0.2)
+            assert time.monotonic() - started > 1.0
+            replies = exchange(sock, p.BodyChunk(body), p.EndOfMessage())
+            assert replies and replies[-1][0] == "c"
+    finally:
+        server.close()
+
+
 def test_reply_code_multiline_and_escaping() -> None:
     ((kind, data),) = p.decode_replies(p.reply_code(550, "5.7.1", ["first 100% line", "Reference RB-1"]))
     assert kind == "y"
