@@ -155,6 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "milter": args.milter,
         "smtp": args.smtp,
         "next_hop": args.next_hop,
+        "smtp_tls_cert": args.smtp_tls_cert,
+        "smtp_tls_key": args.smtp_tls_key,
+        "smtp_require_tls": args.smtp_require_tls,
+        "next_hop_tls": args.next_hop_tls,
+        "next_hop_tls_ca": args.next_hop_tls_ca,
         "workers": args.workers,
         "metrics": args.metrics,
         "spool": args.spool,
@@ -204,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--smtp", help="SMTP mode: HOST:PORT to listen on")
     p.add_argument("--next-hop", help="SMTP mode: HOST:PORT accepted mail is relayed to")
+    p.add_argument("--smtp-tls-cert", metavar="PEM", help="SMTP mode: certificate (chain) for STARTTLS")
+    p.add_argument("--smtp-tls-key", metavar="PEM", help="SMTP mode: the certificate's unencrypted key")
+    p.add_argument(
+        "--smtp-require-tls",
+        action=argparse.BooleanOptionalAction,
+        help="SMTP mode: refuse MAIL before STARTTLS, except from smtp_tls_exempt (loopback)",
+    )
+    p.add_argument(
+        "--next-hop-tls",
+        choices=["opportunistic", "required", "off"],
+        help="SMTP mode: STARTTLS to the next hop (default opportunistic)",
+    )
+    p.add_argument("--next-hop-tls-ca", metavar="PEM", help="SMTP mode: CA file for --next-hop-tls required")
     p.add_argument("--workers", type=int, help="worker processes sharing the socket (default 1)")
     p.add_argument("--metrics", help="HOST:PORT for Prometheus metrics; '' to disable")
     p.add_argument("--spool", type=Path, help="spool directory for SMTP mode")

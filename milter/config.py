@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from milter.errors import Problem, RulesError
 from milter.server import parse_address
@@ -21,6 +22,20 @@ class Settings(BaseModel):
     # SMTP mode: "HOST:PORT" to listen on, and the next hop accepted mail is relayed to.
     smtp: str = ""
     next_hop: str = "127.0.0.1:10026"
+    # SMTP mode's TLS. STARTTLS is offered to clients when both files are set (PEM; the key
+    # unencrypted, readable by the gateway's user only); TLS 1.2 and later.
+    smtp_tls_cert: Path | None = None
+    smtp_tls_key: Path | None = Field(default=None, validate_default=True)
+    # Refuse MAIL before STARTTLS (530 5.7.0) from every client outside smtp_tls_exempt.
+    smtp_require_tls: bool = False
+    # Clients that need no TLS even then: loopback, where Postfix's content_filter connects from.
+    smtp_tls_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # STARTTLS to the next hop: "opportunistic" (when offered, certificate unchecked),
+    # "required" (a verified certificate naming the next_hop host, else the client gets a
+    # 451 and keeps the message), "off".
+    next_hop_tls: Literal["opportunistic", "required", "off"] = "opportunistic"
+    # With "required": the CA certificates (PEM) to verify against instead of the system's.
+    next_hop_tls_ca: Path | None = None
     spool: Path = Path("var/spool")
     # The quarantine store (SQLAlchemy URL): SQLite by default, or
     # postgresql+psycopg://user:password@host/dbname shared by several daemons and hosts.
@@ -69,6 +84,36 @@ class Settings(BaseModel):
     def _host_port(cls, v: str) -> str:
         if v:
             host_port(v)
+        return v
+
+    @field_validator("smtp_tls_cert", "smtp_tls_key", "next_hop_tls_ca", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, v: object) -> object:
+        # "" switches a file off, as "" does for smtp, metrics and database.
+        return None if v == "" else v
+
+    @field_validator("smtp_tls_key")
+    @classmethod
+    def _key_with_certificate(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if (v is None) != (info.data.get("smtp_tls_cert") is None):
+            raise ValueError("smtp_tls_cert and smtp_tls_key go together: set both or neither")
+        return v
+
+    @field_validator("smtp_require_tls")
+    @classmethod
+    def _tls_to_require(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("smtp_tls_cert") is None:
+            raise ValueError("needs smtp_tls_cert and smtp_tls_key (there is no STARTTLS to require)")
+        return v
+
+    @field_validator("smtp_tls_exempt")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for network in v:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network such as 127.0.0.0/8") from None
         return v
 
 

@@ -282,6 +282,12 @@ async def _run_worker(
                 max_message_bytes=settings.max_message_bytes,
                 max_connections=settings.max_connections,
                 timeout_seconds=settings.idle_timeout,
+                tls_cert=settings.smtp_tls_cert,
+                tls_key=settings.smtp_tls_key,
+                require_tls=settings.smtp_require_tls,
+                tls_exempt=tuple(settings.smtp_tls_exempt),
+                next_hop_tls=settings.next_hop_tls,
+                next_hop_tls_ca=settings.next_hop_tls_ca,
             ),
             holder.get,
             followup=followup,
@@ -344,6 +350,8 @@ def serve(settings: Settings) -> int:
         return 2
     for warning in rules.warnings:
         log.warning(warning)
+    if settings.smtp and not _smtp_tls_usable(settings):
+        return 2
     if settings.database:
         # Migrate once, here, before any worker opens the store.
         from milter.store import Store, StoreError
@@ -393,6 +401,21 @@ def serve(settings: Settings) -> int:
         notify_systemd("STOPPING=1")
         return 0
     return _supervise(settings, rules, milter_sock, smtp_sock)
+
+
+def _smtp_tls_usable(settings: Settings) -> bool:
+    """Load SMTP mode's certificate, key and CA file once in the parent, so a bad file stops
+    the start with its name (each worker loads them again for its own TLS contexts)."""
+    from milter.smtp_mode import TlsSetupError, relay_tls_context, server_tls_context
+
+    try:
+        if settings.smtp_tls_cert is not None and settings.smtp_tls_key is not None:
+            server_tls_context(settings.smtp_tls_cert, settings.smtp_tls_key)
+        relay_tls_context(settings.next_hop_tls, settings.next_hop_tls_ca)
+    except TlsSetupError as exc:
+        log.error("not starting: %s", exc, extra={"event": "tls_setup_failed"})
+        return False
+    return True
 
 
 def _supervise(

@@ -18,6 +18,15 @@ Behind Postfix every client is Postfix itself on 127.0.0.1, a trusted network, w
 would make every message look as if the school sent it. Postfix forwards the real
 client with the XFORWARD command (smtp_send_xforward_command = yes); the gateway
 accepts it from `xforward_hosts` only and scans with the forwarded client address.
+
+TLS, both ways, because between two servers on a school network the mail (children's
+data) would otherwise cross the network in clear text. The listener offers STARTTLS when
+it has a certificate and key (TLS 1.2 and later) and, with `require_tls`, refuses MAIL
+before STARTTLS except from `tls_exempt` (loopback: Postfix's content_filter beside us).
+The relay to the next hop uses STARTTLS as `next_hop_tls` says: "opportunistic" (when
+offered, certificate unchecked, plain text if the handshake fails: Postfix's
+`smtp_tls_security_level = may`), "required" (a verified certificate, else 451 and the
+client keeps the message, as when the next hop is down) or "off".
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import textwrap
 import time
 import unicodedata
@@ -40,10 +50,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Literal
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from milter import engine
@@ -59,6 +69,7 @@ from milter.verdict import Verdict
 log = logging.getLogger(__name__)
 
 DecisionHook = Callable[[Verdict, Envelope, float], None]
+NextHopTls = Literal["opportunistic", "required", "off"]
 
 # Used for a reference when the rules themselves cannot be had (the provider raised).
 _FALLBACK_PREFIX: str = PolicyFile.model_fields["reference_prefix"].default
@@ -76,6 +87,8 @@ _SIZE_REPLIES = (
 # XFORWARD attributes (Postfix XFORWARD_README); values are xtext, "[UNAVAILABLE]" means unknown.
 _XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _XFORWARD_UNKNOWN = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+
+_MUST_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,16 @@ class SmtpModeConfig:
     stop_grace_seconds: float = 30.0
     # Name in the banner and EHLO, and to the next hop; None: the host's name, looked up once.
     hostname: str | None = None
+    # STARTTLS for clients: offered when both are set (PEM files; the key unencrypted).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Refuse MAIL before STARTTLS from every client outside tls_exempt.
+    require_tls: bool = False
+    tls_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # STARTTLS to the next hop: see the module's docstring.
+    next_hop_tls: NextHopTls = "opportunistic"
+    # CA certificates (PEM) a "required" next hop's certificate must chain to; None: the system's.
+    next_hop_tls_ca: Path | None = None
 
 
 # --- replies -----------------------------------------------------------------------------
@@ -245,6 +268,104 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+# --- TLS ---------------------------------------------------------------------------------
+
+
+class TlsSetupError(Exception):
+    """A certificate, key or CA file that cannot be used; the text names the file and why."""
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise _EncryptedKey
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise TlsSetupError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _check_certificates(path: Path, what: str) -> None:
+    """`path` holds at least one PEM certificate (load_cert_chain's errors do not say which file is bad)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        raise TlsSetupError(f"{what} {path}: no PEM certificate in it") from None
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The listener's TLS context: the standard library's server defaults (TLS 1.2 and later).
+
+    TlsSetupError names the file at fault: unreadable, not PEM, an encrypted key, or a key
+    that does not belong to the certificate.
+    """
+    _check_readable(cert, "TLS certificate")
+    _check_readable(key, "TLS key")
+    _check_certificates(cert, "TLS certificate")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = max(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        raise TlsSetupError(
+            f"TLS key {key}: encrypted with a passphrase; the gateway needs it unencrypted "
+            "(readable by its user only)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsSetupError(f"TLS key {key}: does not belong to the certificate in {cert}") from None
+        raise TlsSetupError(f"TLS key {key}: no PEM private key in it") from None
+    return context
+
+
+def relay_tls_context(mode: NextHopTls, ca: Path | None = None) -> ssl.SSLContext | None:
+    """The TLS context for STARTTLS to the next hop; None when next_hop_tls is "off".
+
+    "required" verifies the certificate and its name (the next hop's host as configured)
+    against `ca` alone when given (a school's own CA), else the system's CAs;
+    "opportunistic" encrypts without checking either, as an MTA does when any TLS is
+    better than none.
+    """
+    if mode == "off":
+        return None
+    cafile = None
+    if mode == "required" and ca is not None:
+        _check_readable(ca, "next hop CA file")
+        cafile = str(ca)
+    try:
+        # With a cafile only that file is trusted; without, the system's store.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    except ssl.SSLError:
+        raise TlsSetupError(f"next hop CA file {ca}: no PEM certificate in it") from None
+    context.minimum_version = max(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+    if mode == "opportunistic":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words (never message content)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error {exc.reason or exc.library or type(exc).__name__}"
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"STARTTLS answered {exc.code}"
+    return type(exc).__name__
+
+
+def _tls_version(transport_info: object) -> str | None:
+    return transport_info.version() if isinstance(transport_info, ssl.SSLObject | ssl.SSLSocket) else None
+
+
 # --- the SMTP server side ----------------------------------------------------------------
 
 
@@ -304,6 +425,21 @@ class _GatewaySMTP(SMTP):
     def xforward_allowed(self) -> bool:
         return self.gateway._xforward_trusted(self.peer_address())
 
+    def tls_version(self) -> str | None:
+        """The TLS version ("TLSv1.3") once STARTTLS has succeeded on this connection, else None."""
+        if self.session is None or self.session.ssl is None or self.transport is None:
+            return None
+        return _tls_version(self.transport.get_extra_info("ssl_object"))
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")  # as aiosmtpd's, for HELP
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd's require_starttls holds every client to it; the decision here is per
+        # connection, so Postfix's content_filter on loopback (tls_exempt) needs no TLS.
+        if self.gateway._must_starttls(self.peer_address()) and self.tls_version() is None:
+            await self.push(_MUST_STARTTLS)
+            return
+        await super().smtp_MAIL(arg)
+
     def forwarded(self) -> dict[str, str | None]:
         envelope, attributes = self._xforward
         return attributes if envelope is self.envelope and envelope is not None else {}
@@ -354,6 +490,15 @@ class _GatewaySMTP(SMTP):
         transport.close()
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _auth_user(session: Session) -> str | None:
     """The SMTP AUTH login, if the client authenticated (aiosmtpd keeps it in auth_data)."""
     if not session.authenticated:
@@ -396,6 +541,16 @@ class SmtpGateway:
         # Called after each scanned message with the verdict, envelope and scan seconds,
         # just before the client gets its answer. It must be quick, and never log content.
         self.on_decision = on_decision
+        self._tls_exempt = [ipaddress.ip_network(n, strict=False) for n in config.tls_exempt]
+        # Built here so a bad file stops the gateway before it listens or starts threads (TlsSetupError).
+        self._tls_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self._tls_context = server_tls_context(config.tls_cert, config.tls_key)
+        elif config.tls_cert is not None or config.tls_key is not None:
+            raise TlsSetupError("STARTTLS needs both a certificate and a key")
+        if config.require_tls and self._tls_context is None:
+            raise TlsSetupError("require_tls needs a TLS certificate and key")
+        self._relay_tls = relay_tls_context(config.next_hop_tls, config.next_hop_tls_ca)
         self.spool = Spool(config.spool_dir)
         self._own_executor = executor is None
         # Scanning is CPU work: a few threads keep the event loop free without
@@ -449,13 +604,30 @@ class SmtpGateway:
             self._server = await loop.create_server(
                 self._new_connection, self.config.listen_host, self.config.listen_port
             )
+        config = self.config
+        starttls = "off" if self._tls_context is None else "required" if config.require_tls else "offered"
         log.info(
-            "SMTP mode listening on %s:%d, relaying to %s:%d",
-            self.config.listen_host,
+            "SMTP mode listening on %s:%d (STARTTLS %s), relaying to %s:%d (TLS %s)",
+            config.listen_host,
             self.port,
-            self.config.next_hop_host,
-            self.config.next_hop_port,
+            starttls,
+            config.next_hop_host,
+            config.next_hop_port,
+            config.next_hop_tls,
+            extra={"event": "smtp_listening", "starttls": starttls, "next_hop_tls": config.next_hop_tls},
         )
+        if self._tls_context is None and not _loopback(config.listen_host):
+            log.warning(
+                "SMTP mode listens on %s without TLS: mail from other hosts crosses the network in "
+                "clear text; set smtp_tls_cert and smtp_tls_key",
+                config.listen_host,
+            )
+        if config.next_hop_tls == "off" and not _loopback(config.next_hop_host):
+            log.warning(
+                "next_hop_tls = off and the next hop %s is another host: mail to it crosses the "
+                "network in clear text",
+                config.next_hop_host,
+            )
 
     async def stop(self) -> None:
         """Stop accepting, let messages being handled finish (bounded wait), then close."""
@@ -492,6 +664,8 @@ class SmtpGateway:
             timeout=self.config.timeout_seconds,
             hostname=self._hostname,
             ident="ESMTP school-milter",
+            # STARTTLS is offered when set; whether it is required is decided per client (smtp_MAIL).
+            tls_context=self._tls_context,
             loop=asyncio.get_running_loop(),
         )
         self._connections.add(connection)
@@ -505,6 +679,18 @@ class SmtpGateway:
         except ValueError:
             return False
         return any(ip in net for net in self._xforward_networks)
+
+    def _must_starttls(self, address: str | None) -> bool:
+        """Whether this client must use STARTTLS before MAIL: require_tls, unless tls_exempt."""
+        if not self.config.require_tls:
+            return False
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return True
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
+        return not any(ip in net for net in self._tls_exempt)
 
     # -- aiosmtpd handler hooks --
 
@@ -523,6 +709,11 @@ class SmtpGateway:
         return responses
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that cannot do TLS with us (old protocol, a scanner): aiosmtpd hangs up
+            # and the client still has its message; a warning, not a fault of ours.
+            log.warning("STARTTLS handshake with a client failed: %s", _tls_failure(error.__cause__ or error))
+            return "421 4.7.0 TLS handshake failed"  # never sent: aiosmtpd just closes the connection
         # aiosmtpd's default answer is a permanent 500 with the exception's text: never that.
         reference = new_reference(self._prefix)
         log.error("%s: SMTP session error: %s", reference, type(error).__name__)
@@ -622,7 +813,9 @@ class SmtpGateway:
             del result  # the parsed message and its text views are not needed any more
 
             stage = verdict.action.value
-            reply = await self._carry_out(verdict, envelope, raw, changes, body_type, path, reference)
+            reply, relay_tls = await self._carry_out(
+                verdict, envelope, raw, changes, body_type, path, reference
+            )
         except asyncio.CancelledError:
             # The client went away (or we are stopping) before hearing an answer: it still
             # has the message and will send it again.
@@ -639,8 +832,13 @@ class SmtpGateway:
             len(envelope.rcpt_to),
             seconds * 1000,
             reply.split("\r\n")[-1][:3],
-            # Which worker process handled it, when several share the socket.
-            extra={"pid": os.getpid()},
+            extra={
+                # Which worker process handled it, when several share the socket.
+                "pid": os.getpid(),
+                # Whether the message crossed the network encrypted, each way ("none": plain text).
+                "client_tls": server.tls_version() or "none",
+                **({"relay_tls": relay_tls} if relay_tls is not None else {}),
+            },
         )
         self._decided(verdict, envelope, seconds)
         return reply
@@ -654,8 +852,9 @@ class SmtpGateway:
         body_type: str | None,
         path: Path,
         reference: str,
-    ) -> str:
-        """Do what the verdict says; the reply for the client. Raises only on a fault of ours."""
+    ) -> tuple[str, str | None]:
+        """Do what the verdict says: the reply for the client, and for a message the next hop
+        took, the TLS version it went over ("none" for plain text). Raises only on a fault of ours."""
         action = verdict.action
         if action is Action.QUARANTINE:
             record: dict[str, object] = {
@@ -667,10 +866,11 @@ class SmtpGateway:
             }
             # Held durably before the client is told 250: the 250 ends the sender's responsibility.
             await asyncio.to_thread(self.spool.hold, path, reference, record)
-            return format_reply(250, "2.0.0", f"Held for review, reference {reference}.")
+            return format_reply(250, "2.0.0", f"Held for review, reference {reference}."), None
         if action in (Action.ACCEPT, Action.TAG, Action.FIX):
+            relay_tls: str | None = None
             try:
-                reply = await self._relay(
+                reply, relay_tls = await self._relay(
                     apply_to_bytes(raw, changes),
                     envelope.mail_from or "",
                     envelope.rcpt_to,
@@ -681,35 +881,97 @@ class SmtpGateway:
                 # Refused or unreachable: the client keeps the message (4xx) or bounces it (5xx).
                 reply = failure.reply
             await asyncio.to_thread(Spool.remove, path)
-            return reply
+            return reply, relay_tls
         await asyncio.to_thread(Spool.remove, path)
         if action is Action.DISCARD:
-            return format_reply(250, "2.0.0", "Ok")
+            return format_reply(250, "2.0.0", "Ok"), None
         if verdict.reply is not None:
-            return format_reply(verdict.reply.code, verdict.reply.enhanced, verdict.reply.text)
+            return format_reply(verdict.reply.code, verdict.reply.enhanced, verdict.reply.text), None
         if action is Action.REJECT:
-            return format_reply(550, "5.7.1", f"Message refused by school policy. Reference {reference}.")
-        return _tempfail("4.3.0", "Temporary problem while checking this message", reference)
+            refused = f"Message refused by school policy. Reference {reference}."
+            return format_reply(550, "5.7.1", refused), None
+        return _tempfail("4.3.0", "Temporary problem while checking this message", reference), None
 
-    async def _relay(
-        self, data: bytes, sender: str, recipients: Sequence[str], body_type: str | None, reference: str
-    ) -> str:
-        """Send the message to the next hop; its acceptance as our 250, else _RelayFailure."""
+    def _relay_client(self) -> aiosmtplib.SMTP:
         config = self.config
-        client = aiosmtplib.SMTP(
+        return aiosmtplib.SMTP(
             hostname=config.next_hop_host,
             port=config.next_hop_port,
             timeout=config.relay_timeout_seconds,
             local_hostname=self._hostname,
-            # The next hop is the MTA's reinjection port beside us, not the open internet.
+            # STARTTLS is done by _next_hop_session, which decides what a failure means.
             start_tls=False,
         )
+
+    async def _next_hop_session(self, reference: str) -> tuple[aiosmtplib.SMTP, str | None]:
+        """A connected client that has said EHLO, over TLS as next_hop_tls says, and the TLS
+        version (None: plain text). aiosmtplib's errors as they come; _RelayFailure (a 451,
+        as for a next hop that is down) when TLS is required and cannot be had."""
+        config = self.config
+        client = self._relay_client()
+        await client.connect()
+        try:
+            await client.ehlo()
+            if self._relay_tls is None:
+                return client, None
+            if not client.supports_extension("starttls"):
+                if config.next_hop_tls == "required":
+                    log.error(
+                        "%s: next hop %s:%d does not offer STARTTLS and next_hop_tls = required: not relayed",
+                        reference,
+                        config.next_hop_host,
+                        config.next_hop_port,
+                        extra={"event": "relay_tls_failed"},
+                    )
+                    raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference))
+                return client, None
+            try:
+                await client.starttls(tls_context=self._relay_tls)
+                await client.ehlo()  # RFC 3207: what the server said before TLS no longer counts
+            except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+                why = _tls_failure(exc)
+                if config.next_hop_tls == "required":
+                    log.error(
+                        "%s: TLS with the next hop %s:%d failed (%s) and next_hop_tls = required: "
+                        "not relayed",
+                        reference,
+                        config.next_hop_host,
+                        config.next_hop_port,
+                        why,
+                        extra={"event": "relay_tls_failed"},
+                    )
+                    raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference)) from None
+                # Opportunistic: a next hop whose TLS is broken still gets its mail (as Postfix
+                # retries in plain text at security level "may"); nothing was sent yet.
+                log.warning(
+                    "%s: TLS with the next hop %s:%d failed (%s): relaying in plain text",
+                    reference,
+                    config.next_hop_host,
+                    config.next_hop_port,
+                    why,
+                )
+                client.close()
+                client = self._relay_client()
+                await client.connect()
+                await client.ehlo()
+                return client, None
+            return client, _tls_version(client.get_transport_info("ssl_object")) or "TLS"
+        except BaseException:
+            client.close()
+            raise
+
+    async def _relay(
+        self, data: bytes, sender: str, recipients: Sequence[str], body_type: str | None, reference: str
+    ) -> tuple[str, str]:
+        """Send the message to the next hop: its acceptance as our 250 and the TLS version
+        used ("none": plain text), else _RelayFailure."""
+        config = self.config
         unavailable = "Next hop unavailable"
+        tls: str | None = None
         try:
             async with asyncio.timeout(config.relay_timeout_seconds):
-                await client.connect()
+                client, tls = await self._next_hop_session(reference)
                 try:
-                    await client.ehlo()
                     options = []
                     if body_type and client.supports_extension("8bitmime"):
                         options.append(f"BODY={body_type}")
@@ -750,8 +1012,15 @@ class SmtpGateway:
                 type(exc).__name__,
             )
             raise _RelayFailure(_tempfail("4.4.1", unavailable, reference)) from None
+        log.debug(
+            "%s: relayed to the next hop over %s",
+            reference,
+            tls or "plain text",
+            extra={"event": "relayed", "reference": reference, "tls": tls or "none"},
+        )
         said = _ascii_line(response.message)[:120]
-        return format_reply(250, "2.0.0", f"Delivered to the next hop ({said}); reference {reference}.")
+        reply = format_reply(250, "2.0.0", f"Delivered to the next hop ({said}); reference {reference}.")
+        return reply, tls or "none"
 
     @staticmethod
     def _refused_reply(refused: list[aiosmtplib.SMTPRecipientRefused], total: int, reference: str) -> str:

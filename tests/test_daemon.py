@@ -10,6 +10,7 @@ import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from tests.conftest import REPO, copy_rules
 from tests.mail import build
 from tests.test_milter_protocol import converse, negotiate
 from tests.test_smtp_mode import OUTSIDER, REFERENCE, STAFF, STAFF2, NextHop, crlf, transaction
+from tests.tls_certs import TestCA
 
 
 def free_port() -> int:
@@ -470,3 +472,198 @@ def test_smtp_address_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "worker ready" not in result.stderr
+
+
+# --- SMTP mode's TLS through `serve` -----------------------------------------------------------
+
+
+def serve_and_fail(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "milter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("fault", ["missing certificate", "key of another certificate", "CA file not PEM"])
+def test_smtp_tls_files_that_cannot_be_used_stop_the_start_naming_the_file(
+    rules_copy: Path, tmp_path: Path, fault: str
+) -> None:
+    ca = TestCA(tmp_path / "ca")
+    mine, other = ca.issue("gateway"), ca.issue("other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cert, key, ca_file, named = {
+        "missing certificate": (tmp_path / "nowhere.pem", mine.key, ca.cert_path, tmp_path / "nowhere.pem"),
+        "key of another certificate": (mine.cert, other.key, ca.cert_path, other.key),
+        "CA file not PEM": (mine.cert, mine.key, junk, junk),
+    }[fault]
+    port = free_port()
+    result = serve_and_fail(
+        "--rules",
+        str(rules_copy),
+        "serve",
+        "--workers",
+        "2",
+        "--milter",
+        "",
+        "--smtp",
+        f"127.0.0.1:{port}",
+        "--smtp-tls-cert",
+        str(cert),
+        "--smtp-tls-key",
+        str(key),
+        "--next-hop-tls",
+        "required",
+        "--next-hop-tls-ca",
+        str(ca_file),
+        "--metrics",
+        "",
+        "--database=",
+        "--spool",
+        str(tmp_path / "spool"),
+    )
+    assert result.returncode == 2, result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [error] = [e for e in logged if e["level"] == "error"]
+    assert str(error["message"]).startswith("not starting: ") and error["event"] == "tls_setup_failed"
+    assert str(named) in str(error["message"])
+    assert "Traceback" not in result.stderr and "worker ready" not in result.stderr
+    # It stopped before listening: the port is free.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("toml", "complaint"),
+    [
+        ('smtp_tls_cert = "/etc/ssl/gateway.pem"\n', "smtp_tls_cert and smtp_tls_key go together"),
+        ("smtp_require_tls = true\n", "smtp_require_tls: Value error, needs smtp_tls_cert and smtp_tls_key"),
+        ('smtp_tls_exempt = ["loopback"]\n', "'loopback' is not a network"),
+        ('next_hop_tls = "may"\n', "next_hop_tls: Input should be 'opportunistic', 'required' or 'off'"),
+    ],
+)
+def test_smtp_tls_settings_that_do_not_fit_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, complaint: str
+) -> None:
+    from milter.cli import main
+
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nsmtp = "127.0.0.1:0"\n{toml}')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and complaint in err
+
+
+class TlsSink(Sink):
+    """The Sink, offering STARTTLS with a certificate."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__()
+
+    async def _serve(self) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: SMTP(self.hop, hostname="nexthop.test", tls_context=self.context, loop=loop),
+            "127.0.0.1",
+            0,
+        )
+
+
+class TlsSmtpDaemon(SmtpDaemon):
+    """SmtpDaemon's `serve --workers 2`, with a config file (the TLS settings) too."""
+
+    def __init__(self, rules: Path, tmp: Path, sink: Sink, config: Path) -> None:
+        self.sink = sink
+        self.smtp_port = free_port()
+        self.spool = tmp / "spool"
+        Daemon.__init__(
+            self,
+            rules,
+            tmp,
+            "--config",
+            str(config),
+            "--workers",
+            "2",
+            "--smtp",
+            f"127.0.0.1:{self.smtp_port}",
+            "--next-hop",
+            f"127.0.0.1:{sink.port}",
+            "--spool",
+            str(self.spool),
+            "--database=",
+        )
+
+
+def test_smtp_tls_both_ways_in_every_worker(rules_copy: Path, tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    gateway_cert = ca.issue("gateway")
+    sink = TlsSink(ca.issue("nexthop").server_context())
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        "[gateway]\n"
+        f'smtp_tls_cert = "{gateway_cert.cert}"\n'
+        f'smtp_tls_key = "{gateway_cert.key}"\n'
+        "smtp_require_tls = true\n"
+        # Only 127.0.0.1 is exempt; the clients below come from 127.0.0.2, as another host would.
+        'smtp_tls_exempt = ["127.0.0.1/32"]\n'
+        'next_hop_tls = "required"\n'
+        f'next_hop_tls_ca = "{ca.cert_path}"\n'
+    )
+    try:
+        d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)
+        try:
+            d.wait_for_log("worker ready", count=2)
+            workers = set(d.ready_pids())
+            _send_over_tls_until_every_worker_has_some(d, ca, workers)
+        finally:
+            d.stop()
+    finally:
+        sink.close()
+
+
+def _send_over_tls_until_every_worker_has_some(d: SmtpDaemon, ca: TestCA, workers: set[int]) -> None:
+    """Clients from 127.0.0.2: refused before STARTTLS, sent after it; checked end to end."""
+
+    def send(n: int) -> tuple[int, str, str | None]:
+        with smtplib.SMTP(
+            "127.0.0.1",
+            d.smtp_port,
+            local_hostname="client.test",
+            timeout=30,
+            source_address=("127.0.0.2", 0),
+        ) as client:
+            client.ehlo()
+            refused = client.mail(STAFF)
+            assert refused == (530, b"5.7.0 Must issue a STARTTLS command first"), refused
+            client.starttls(context=ca.client_context())
+            version = client.sock.version() if isinstance(client.sock, ssl.SSLSocket) else None
+            client.ehlo()
+            code, text = transaction(client, build(STAFF, STAFF2, f"Rota {n}", "Cover."), STAFF, [STAFF2])
+            return code, text, version
+
+    # Connections until both workers have taken some (the kernel picks who accepts).
+    replies: dict[int, tuple[int, str, str | None]] = {}
+    for batch in range(10):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            numbers = range(batch * 8, (batch + 1) * 8)
+            replies |= dict(zip(numbers, pool.map(send, numbers), strict=True))
+        assert all(code == 250 for code, _, _ in replies.values()), replies
+        handled = d.handled_by()
+        by = {handled[m.group()] for _, text, _ in replies.values() if (m := REFERENCE.search(text))}
+        if by == workers:
+            break
+    assert by == workers
+    assert all(version in ("TLSv1.2", "TLSv1.3") for _, _, version in replies.values())
+    # Every message reached the next hop once, over verified TLS.
+    assert sorted(d.sink.subjects()) == sorted(f"Rota {n}" for n in replies)
+    assert all(version in ("TLSv1.2", "TLSv1.3") for version in d.sink.hop.tls)
+    lines = [e for e in d.log_lines() if e["logger"] == "milter.smtp_mode" and "client_tls" in e]
+    assert len(lines) == len(replies)
+    assert all(e["client_tls"] != "none" and e["relay_tls"] != "none" for e in lines)
+    assert "redborne.example" not in d.log_path.read_text()
+    assert d.stop() == 0

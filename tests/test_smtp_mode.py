@@ -15,10 +15,12 @@ import os
 import re
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,10 +34,20 @@ from milter.envelope import Envelope
 from milter.followup import FollowUp
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, ActionRule
-from milter.smtp_mode import SmtpGateway, SmtpModeConfig, Spool, _auth_user, format_reply
+from milter.smtp_mode import (
+    SmtpGateway,
+    SmtpModeConfig,
+    Spool,
+    TlsSetupError,
+    _auth_user,
+    format_reply,
+    relay_tls_context,
+    server_tls_context,
+)
 from milter.store import Store
 from milter.verdict import Verdict
 from tests.mail import build
+from tests.tls_certs import ServerCert, TestCA
 
 T = TypeVar("T")
 
@@ -71,6 +83,8 @@ class NextHop:
         self.refuse_rcpt: dict[str, str] = {}
         # When set, DATA is answered only once the gate opens: a message held in flight.
         self.gate: threading.Event | None = None
+        # For each message received, the TLS version of its session ("TLSv1.3"), or None: plain text.
+        self.tls: list[str | None] = []
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
@@ -87,6 +101,10 @@ class NextHop:
             return self.data_reply
         assert envelope.mail_from is not None and envelope.original_content is not None
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        ssl_object = (
+            server.transport.get_extra_info("ssl_object") if session.ssl and server.transport else None
+        )
+        self.tls.append(ssl_object.version() if ssl_object else None)
         return "250 2.0.0 Ok: queued as NEXT1"
 
 
@@ -106,8 +124,11 @@ class Running:
         spool: Path,
         next_hop_down: bool = False,
         followup: FollowUp | None = None,
+        next_hop_tls_context: ssl.SSLContext | None = None,
         **config: Any,
     ) -> None:
+        # The next hop offers STARTTLS with this; read for each connection, so a test can change it.
+        self.next_hop_tls_context = next_hop_tls_context
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -132,14 +153,24 @@ class Running:
     async def _serve_next_hop(self) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         return await loop.create_server(
-            lambda: SMTP(self.next_hop, hostname="nexthop.test", loop=loop), "127.0.0.1", 0
+            lambda: SMTP(
+                self.next_hop, hostname="nexthop.test", tls_context=self.next_hop_tls_context, loop=loop
+            ),
+            "127.0.0.1",
+            0,
         )
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def client(self) -> smtplib.SMTP:
-        client = smtplib.SMTP("127.0.0.1", self.gateway.port, local_hostname="client.test", timeout=10)
+    def client(self, source: str = "127.0.0.1") -> smtplib.SMTP:
+        client = smtplib.SMTP(
+            "127.0.0.1",
+            self.gateway.port,
+            local_hostname="client.test",
+            timeout=10,
+            source_address=(source, 0),
+        )
         client.ehlo()
         return client
 
@@ -573,6 +604,306 @@ def test_messages_left_over_are_reported_at_start_and_kept(
             gate.set()
         assert sending.result(10)[0] == 250
     assert gateway.files("incoming") == [left] and len(gateway.next_hop.received) == 1
+
+
+# --- TLS, both ways ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def school_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("tls") / "school-ca")
+
+
+@pytest.fixture(scope="session")
+def gateway_cert(school_ca: TestCA) -> ServerCert:
+    return school_ca.issue("gateway")
+
+
+@pytest.fixture(scope="session")
+def next_hop_cert(school_ca: TestCA) -> ServerCert:
+    return school_ca.issue("nexthop")
+
+
+def smtp_mode_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The per-message lines of SMTP mode ("RB-...: accept, ...")."""
+    return [r for r in caplog.records if r.name == "milter.smtp_mode" and hasattr(r, "client_tls")]
+
+
+def test_without_a_certificate_starttls_is_not_offered(gateway: Running) -> None:
+    with gateway.client() as client:
+        assert not client.has_extn("starttls")
+        code, _ = client.docmd("STARTTLS")
+    assert code in (454, 500, 502)
+
+
+def test_starttls_is_offered_and_mail_sent_over_it_is_relayed(
+    start: Callable[..., Running],
+    school_ca: TestCA,
+    gateway_cert: ServerCert,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway = start(tls_cert=gateway_cert.cert, tls_key=gateway_cert.key)
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello,\n\nSee you tomorrow.\n"))
+
+    with caplog.at_level(logging.INFO, logger="milter.smtp_mode"), gateway.client() as client:
+        assert client.has_extn("starttls")
+        # The client checks the certificate and its name, as a careful MTA does.
+        code, _ = client.starttls(context=school_ca.client_context())
+        assert code == 220
+        assert isinstance(client.sock, ssl.SSLSocket)
+        version = client.sock.version()
+        assert version in ("TLSv1.2", "TLSv1.3")
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        code, reply = transaction(client, raw, STAFF, [STAFF2])
+
+    assert code == 250, reply
+    [(mail_from, rcpts, relayed)] = gateway.next_hop.received
+    assert (mail_from, rcpts) == (STAFF, [STAFF2])
+    assert body_of(relayed) == body_of(raw)
+    # XFORWARD-less client seen as itself, HELO from the EHLO after STARTTLS.
+    [(_, envelope, _)] = gateway.decisions
+    assert envelope.client_address == "127.0.0.1" and envelope.helo == "client.test"
+    # The log line says the client's session was encrypted, and nothing about who or what.
+    [line] = smtp_mode_lines(caplog)
+    assert getattr(line, "client_tls", None) == version
+    assert STAFF not in line.getMessage() and "Rota" not in line.getMessage()
+
+
+def test_a_client_offering_only_tls_1_1_is_refused(
+    start: Callable[..., Running], gateway_cert: ServerCert, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = start(tls_cert=gateway_cert.cert, tls_key=gateway_cert.key)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0 and 1.1 are, rightly
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so this client really offers TLS 1.1
+
+    with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"), gateway.client() as client:
+        with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected)):
+            client.starttls(context=old)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (
+            gateway.gateway._connections or "STARTTLS handshake" not in caplog.text
+        ):
+            time.sleep(0.01)
+
+    # Refused by the gateway (the client did offer TLS 1.1), logged as a warning, not a fault.
+    [warning] = [r for r in caplog.records if "STARTTLS handshake" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "UNSUPPORTED_PROTOCOL" in warning.getMessage()
+    # The failed connection is gone: failed handshakes cannot use up max_connections.
+    assert not gateway.gateway._connections
+    # And the gateway still serves everyone else.
+    assert gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])[0] == 250
+
+
+def test_require_tls_refuses_mail_before_starttls_except_from_exempt_clients(
+    start: Callable[..., Running], school_ca: TestCA, gateway_cert: ServerCert
+) -> None:
+    # Loopback is all of 127.0.0.0/8: exempt only 127.0.0.1, and be another host from 127.0.0.2.
+    gateway = start(
+        tls_cert=gateway_cert.cert, tls_key=gateway_cert.key, require_tls=True, tls_exempt=("127.0.0.1/32",)
+    )
+    raw = build(STAFF, STAFF2, "Rota", "Hello")
+
+    with gateway.client(source="127.0.0.2") as client:
+        assert client.has_extn("starttls")
+        assert client.mail(STAFF) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        # Nor does a transaction sneak in another way.
+        assert client.rcpt(STAFF2)[0] == 503
+        assert client.docmd("DATA")[0] == 503
+        assert client.starttls(context=school_ca.client_context())[0] == 220
+        client.ehlo()
+        code, reply = transaction(client, raw, STAFF, [STAFF2])
+    assert code == 250, reply
+    assert gateway.next_hop.received and gateway.decisions[0][1].client_address == "127.0.0.2"
+
+    # The exempt client (Postfix's content_filter beside the gateway) needs no TLS.
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+    assert code == 250, reply
+    assert [e.client_address for _, e, _ in gateway.decisions] == ["127.0.0.2", "127.0.0.1"]
+    assert len(gateway.next_hop.received) == 2
+
+
+def test_require_tls_exempts_all_of_loopback_by_default(
+    start: Callable[..., Running], gateway_cert: ServerCert
+) -> None:
+    gateway = start(tls_cert=gateway_cert.cert, tls_key=gateway_cert.key, require_tls=True)
+    with gateway.client(source="127.0.0.2") as client:
+        code, reply = transaction(client, build(STAFF, STAFF2), STAFF, [STAFF2])
+    assert code == 250, reply
+
+
+@pytest.mark.parametrize(
+    ("mode", "next_hop_offers_tls", "sent_over_tls"),
+    [
+        ("opportunistic", False, False),
+        # No certificate check: the next hop's certificate is from a CA nobody configured.
+        ("opportunistic", True, True),
+        ("off", True, False),
+    ],
+)
+def test_relay_tls_opportunistic_and_off(
+    start: Callable[..., Running],
+    next_hop_cert: ServerCert,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    next_hop_offers_tls: bool,
+    sent_over_tls: bool,
+) -> None:
+    gateway = start(
+        next_hop_tls=mode,
+        next_hop_tls_context=next_hop_cert.server_context() if next_hop_offers_tls else None,
+    )
+    with caplog.at_level(logging.INFO, logger="milter.smtp_mode"):
+        code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+    assert code == 250, reply
+    [version] = gateway.next_hop.tls
+    assert (version is not None) == sent_over_tls
+    [line] = smtp_mode_lines(caplog)
+    assert getattr(line, "relay_tls", None) == (version or "none")
+
+
+def test_relay_tls_required_to_a_next_hop_with_a_certificate_from_the_configured_ca(
+    start: Callable[..., Running],
+    school_ca: TestCA,
+    next_hop_cert: ServerCert,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway = start(
+        next_hop_tls="required",
+        next_hop_tls_ca=school_ca.cert_path,
+        next_hop_tls_context=next_hop_cert.server_context(),
+    )
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello"))
+    with caplog.at_level(logging.DEBUG, logger="milter.smtp_mode"):
+        code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250 and "queued as NEXT1" in reply, reply
+    [(_, _, relayed)] = gateway.next_hop.received
+    assert body_of(relayed) == body_of(raw)
+    [version] = gateway.next_hop.tls
+    assert version in ("TLSv1.2", "TLSv1.3")
+    relayed_lines = [r for r in caplog.records if getattr(r, "event", None) == "relayed"]
+    assert [getattr(r, "tls", None) for r in relayed_lines] == [version]
+
+
+@pytest.mark.parametrize(
+    ("next_hop", "why"),
+    [
+        ("plain", "does not offer STARTTLS"),
+        # A certificate from a CA the gateway was not told to trust (nor the system).
+        ("other CA", "certificate not accepted"),
+        # The right CA, but a certificate for another host than the next hop's.
+        ("wrong name", "certificate not accepted"),
+    ],
+)
+def test_relay_tls_required_and_not_had_is_a_temporary_failure_and_nothing_is_lost(
+    start: Callable[..., Running],
+    school_ca: TestCA,
+    next_hop_cert: ServerCert,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    next_hop: str,
+    why: str,
+) -> None:
+    context = {
+        "plain": None,
+        "other CA": TestCA(tmp_path / "other-ca").issue("nexthop").server_context(),
+        "wrong name": school_ca.issue("elsewhere", names=("mail.elsewhere.example",)).server_context(),
+    }[next_hop]
+    gateway = start(
+        next_hop_tls="required", next_hop_tls_ca=school_ca.cert_path, next_hop_tls_context=context
+    )
+    raw = build(STAFF, STAFF2, "Rota", "Hello")
+
+    with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"):
+        code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    # As when the next hop is down: 451, the client keeps the message and retries.
+    assert code == 451 and reply.startswith("4.4.1 Next hop unavailable"), reply
+    reference = gateway.decisions[0][0].reference
+    assert reference in reply
+    assert gateway.next_hop.received == []
+    assert gateway.files("incoming") == [] and gateway.files("failed") == []
+    [error] = [r for r in caplog.records if getattr(r, "event", None) == "relay_tls_failed"]
+    assert error.levelno == logging.ERROR and why in error.getMessage() and reference in error.getMessage()
+    assert STAFF not in caplog.text
+
+    # Once the next hop has a proper certificate, the client's retry is delivered, once.
+    gateway.next_hop_tls_context = next_hop_cert.server_context()
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+    assert code == 250, reply
+    assert len(gateway.next_hop.received) == 1 and gateway.next_hop.tls[0] is not None
+
+
+def test_relay_tls_opportunistic_falls_back_to_plain_text_when_the_handshake_fails(
+    start: Callable[..., Running], next_hop_cert: ServerCert, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A next hop whose TLS cannot work with us: it demands a client certificate we do not have.
+    broken = next_hop_cert.server_context()
+    broken.verify_mode = ssl.CERT_REQUIRED
+    gateway = start(next_hop_tls_context=broken)
+
+    with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"):
+        code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+
+    assert code == 250, reply
+    assert gateway.next_hop.tls == [None] and len(gateway.next_hop.received) == 1
+    assert any("relaying in plain text" in r.getMessage() for r in caplog.records)
+
+
+def test_tls_files_that_cannot_be_used_are_named(
+    rules: Rules, gateway_cert: ServerCert, next_hop_cert: ServerCert, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(gateway_cert.key),
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+    )
+    missing = tmp_path / "missing.pem"
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: server_tls_context(missing, gateway_cert.key), f"{missing}: cannot read: No such file"),
+        (lambda: server_tls_context(gateway_cert.cert, missing), f"{missing}: cannot read"),
+        (lambda: server_tls_context(junk, gateway_cert.key), f"{junk}: no PEM certificate"),
+        (lambda: server_tls_context(gateway_cert.cert, junk), f"{junk}: no PEM private key"),
+        (
+            lambda: server_tls_context(gateway_cert.cert, encrypted),
+            f"{encrypted}: encrypted with a passphrase",
+        ),
+        (
+            lambda: server_tls_context(gateway_cert.cert, next_hop_cert.key),
+            f"{next_hop_cert.key}: does not belong to the certificate in {gateway_cert.cert}",
+        ),
+        (lambda: relay_tls_context("required", junk), f"{junk}: no PEM certificate"),
+        (lambda: relay_tls_context("required", missing), f"{missing}: cannot read"),
+    ]
+    for make, message in cases:
+        with pytest.raises(TlsSetupError) as raised:
+            make()
+        assert message in str(raised.value)
+    assert server_tls_context(gateway_cert.cert, gateway_cert.key).minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert relay_tls_context("off") is None
+    # Opportunistic does not need (and does not read) the CA file.
+    assert relay_tls_context("opportunistic", missing) is not None
+    with pytest.raises(TlsSetupError):
+        SmtpGateway(SmtpModeConfig(tls_cert=gateway_cert.cert, tls_key=junk), lambda: rules)
 
 
 # --- pieces --------------------------------------------------------------------------------------
