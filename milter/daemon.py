@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -292,9 +293,16 @@ async def _run_worker(
             holder.get,
             followup=followup,
         )
-        smtp_gateway.on_decision = lambda verdict, envelope, seconds: on_decision(
+        # The same decision line and metrics as the milter path: size, findings, clamd health.
+        smtp_gateway.on_decision = lambda verdict, envelope, seconds, result: on_decision(
             Decision(
-                verdict.reference, verdict.action.value, seconds, envelope.queue_id, 0, len(envelope.rcpt_to)
+                verdict.reference,
+                verdict.action.value,
+                seconds,
+                envelope.queue_id,
+                result.message.size,
+                len(envelope.rcpt_to),
+                result,
             )
         )
         await smtp_gateway.start(smtp_sock)
@@ -426,7 +434,8 @@ def _supervise(
     SMTP mode's spool is shared too: its files carry the handling worker's pid, so a
     restarted worker reports only what dead workers left (milter.smtp_mode.Spool).
     """
-    prepare_multiprocess(Path(tempfile.mkdtemp(prefix="school-milter-metrics-")))
+    metrics_dir = Path(tempfile.mkdtemp(prefix="school-milter-metrics-"))
+    prepare_multiprocess(metrics_dir)
     from milter.metrics import serve_metrics, worker_exited
 
     children: dict[int, int] = {}  # pid -> worker index
@@ -491,6 +500,8 @@ def _supervise(
         time.sleep(min(1.0, 0.1 * len(restarts)))
         spawn(index)
     notify_systemd("STOPPING=1")
+    # The workers' metric files: nobody reads them once every worker has gone.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if stopping else 1
 
 

@@ -68,7 +68,8 @@ from milter.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-DecisionHook = Callable[[Verdict, Envelope, float], None]
+# The verdict, the envelope, the scan's seconds and the scan itself (findings, size) for logs and metrics.
+DecisionHook = Callable[[Verdict, Envelope, float, Scan], None]
 NextHopTls = Literal["opportunistic", "required", "off"]
 
 # Used for a reference when the rules themselves cannot be had (the provider raised).
@@ -802,7 +803,7 @@ class SmtpGateway:
                     self._executor, self.followup.hold, raw, envelope, result
                 )
                 await asyncio.to_thread(Spool.remove, path)
-                self._decided(verdict, envelope, seconds)
+                self._decided(verdict, envelope, seconds, result)
                 self._follow_up(result, held_id)
                 return format_reply(250, "2.0.0", f"Held for review, reference {reference}.")
             if verdict.alerts or verdict.guidance:
@@ -810,7 +811,6 @@ class SmtpGateway:
             changes: list[Modification] = []
             if verdict.action in (Action.ACCEPT, Action.TAG, Action.FIX):
                 changes = modifications(verdict, result.message)
-            del result  # the parsed message and its text views are not needed any more
 
             stage = verdict.action.value
             reply, relay_tls = await self._carry_out(
@@ -840,7 +840,7 @@ class SmtpGateway:
                 **({"relay_tls": relay_tls} if relay_tls is not None else {}),
             },
         )
-        self._decided(verdict, envelope, seconds)
+        self._decided(verdict, envelope, seconds, result)
         return reply
 
     async def _carry_out(
@@ -1065,11 +1065,11 @@ class SmtpGateway:
                 )
         return _tempfail("4.3.0", "Temporary problem in the mail gateway", reference)
 
-    def _decided(self, verdict: Verdict, envelope: Envelope, seconds: float) -> None:
+    def _decided(self, verdict: Verdict, envelope: Envelope, seconds: float, result: Scan) -> None:
         if self.on_decision is None:
             return
         try:
-            self.on_decision(verdict, envelope, seconds)
+            self.on_decision(verdict, envelope, seconds, result)
         except Exception as exc:
             # Logging and counting must never change what happens to mail.
             log.error("on_decision hook failed: %s", type(exc).__name__)

@@ -345,6 +345,11 @@ def test_smtp_mode_runs_in_every_worker_and_survives_a_killed_worker(smtp_daemon
     # The log says what happened, never to whom or about what.
     text = d.log_path.read_text()
     assert "redborne.example" not in text and "elsewhere.example" not in text and "Rota" not in text
+    # SMTP mode's decision lines carry what the milter path's do: size, direction, findings.
+    refused = [e for e in d.log_lines() if e.get("event") == "decision" and e.get("action") == "reject"]
+    assert refused and int(str(refused[0]["size"])) > 0
+    assert refused[0]["direction"] == "outbound" and "5.5" in refused[0]["clauses"]  # type: ignore[operator]
+    assert any(str(f).startswith("obscene_language/") for f in refused[0]["findings"])  # type: ignore[attr-defined]
 
     # A worker killed outright is replaced, and the new one takes SMTP connections too.
     killed = min(workers)

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 import milter.engine
+from milter.engine import Scan
 from milter.envelope import Envelope
 from milter.followup import FollowUp
 from milter.policy.loader import Rules
@@ -144,11 +145,14 @@ class Running:
             listen_port=0, next_hop_port=hop_port, spool_dir=spool, hostname="gateway.test", **config
         )
         self.decisions: list[tuple[Verdict, Envelope, float]] = []
+        self.scans: list[Scan] = []
         provider = rules if callable(rules) else (lambda: rules)
-        self.gateway = SmtpGateway(
-            self.config, provider, on_decision=lambda *d: self.decisions.append(d), followup=followup
-        )
+        self.gateway = SmtpGateway(self.config, provider, on_decision=self._decided, followup=followup)
         self.run(self.gateway.start())
+
+    def _decided(self, verdict: Verdict, envelope: Envelope, seconds: float, scan: Scan) -> None:
+        self.decisions.append((verdict, envelope, seconds))
+        self.scans.append(scan)
 
     async def _serve_next_hop(self) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -249,6 +253,9 @@ def test_clean_mail_is_relayed_with_the_policy_header_and_the_body_unchanged(gat
     assert envelope.client_address == "127.0.0.1" and envelope.helo == "client.test"
     assert envelope.mail_from == STAFF and envelope.rcpt_to == (STAFF2,)
     assert 0 < seconds < 5
+    # The hook also gets the scan, for the decision line's size and findings.
+    [scan] = gateway.scans
+    assert scan.verdict is verdict and scan.message.size >= len(raw) > 0
 
 
 def test_a_bounce_keeps_its_null_sender(gateway: Running) -> None:
