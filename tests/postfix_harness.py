@@ -118,6 +118,45 @@ class SmtpRefused(Exception):
         self.text = text
 
 
+def smtp_submit(
+    address: tuple[str, int],
+    raw: bytes,
+    mail_from: str,
+    rcpts: Sequence[str],
+    *,
+    helo: str = "client.test.example",
+    timeout: float = 60.0,
+    source_address: tuple[str, int] | None = None,
+) -> tuple[int, str]:
+    """Submit one message over SMTP to an MTA (LF line ends become CRLF); the final DATA
+    reply (code, text). Raises SmtpRefused with the stage, code and text when MAIL, any
+    RCPT or DATA is refused (4xx or 5xx): what a milter's reject or tempfail looks like
+    to a client. Shared by the Postfix and Sendmail harnesses."""
+    host, port = address
+    with smtplib.SMTP(
+        host, port, local_hostname=helo, timeout=timeout, source_address=source_address
+    ) as smtp:
+        smtp.ehlo()
+        code, text = smtp.mail(mail_from)
+        if code != 250:
+            raise SmtpRefused("MAIL", code, text.decode(errors="replace"))
+        for rcpt in rcpts:
+            code, text = smtp.rcpt(rcpt)
+            if code not in (250, 251):
+                raise SmtpRefused("RCPT", code, text.decode(errors="replace"))
+        try:
+            # smtplib sends bytes as they are: a bare LF would reach the MTA as a line end,
+            # and the CRLF smtplib appends after it as one more empty line.
+            code, text = smtp.data(_crlf(raw))
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            error = exc.smtp_error
+            reason = error.decode(errors="replace") if isinstance(error, bytes) else error
+            raise SmtpRefused("DATA", exc.smtp_code, reason) from exc
+        if code != 250:
+            raise SmtpRefused("DATA", code, text.decode(errors="replace"))
+        return code, text.decode(errors="replace")
+
+
 @dataclass(frozen=True)
 class MilterSettings:
     """How Postfix talks to the milter. Timeouts are Postfix time values ("5s", "2m")."""
@@ -442,26 +481,7 @@ class PostfixInstance:
         Raises SmtpRefused with the stage, code and text when MAIL, any RCPT or DATA is
         refused (4xx or 5xx): what a milter's reject or tempfail looks like to a client.
         """
-        with smtplib.SMTP(LOOPBACK, self.smtpd_port, local_hostname=helo, timeout=timeout) as smtp:
-            smtp.ehlo()
-            code, text = smtp.mail(mail_from)
-            if code != 250:
-                raise SmtpRefused("MAIL", code, text.decode(errors="replace"))
-            for rcpt in rcpts:
-                code, text = smtp.rcpt(rcpt)
-                if code not in (250, 251):
-                    raise SmtpRefused("RCPT", code, text.decode(errors="replace"))
-            try:
-                # smtplib sends bytes as they are: a bare LF would reach Postfix as a line
-                # end, and the CRLF smtplib appends after it as one more empty line.
-                code, text = smtp.data(_crlf(raw))
-            except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-                error = exc.smtp_error
-                reason = error.decode(errors="replace") if isinstance(error, bytes) else error
-                raise SmtpRefused("DATA", exc.smtp_code, reason) from exc
-            if code != 250:
-                raise SmtpRefused("DATA", code, text.decode(errors="replace"))
-            return code, text.decode(errors="replace")
+        return smtp_submit(self.address, raw, mail_from, rcpts, helo=helo, timeout=timeout)
 
     def sendmail(self, raw: bytes, mail_from: str, rcpts: Sequence[str]) -> None:
         """Submit through /usr/sbin/sendmail -C (the non-SMTP path: postdrop, pickup)."""

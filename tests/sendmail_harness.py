@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import signal
-import smtplib
 import subprocess
 import time
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tests.postfix_harness import LOOPBACK, SmtpRefused, _crlf, free_port
+from tests.postfix_harness import LOOPBACK, free_port, smtp_submit
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = Path(os.environ.get("SCHOOL_MILTER_SENDMAIL_PREFIX", "/opt/school-milter-test/sendmail"))
@@ -350,26 +349,9 @@ class SendmailInstance:
         when Sendmail refuses, as PostfixInstance.send does.
         """
         source = (client_address, 0) if client_address else None
-        with smtplib.SMTP(
-            LOOPBACK, self.port, local_hostname=helo, timeout=timeout, source_address=source
-        ) as smtp:
-            smtp.ehlo()
-            code, text = smtp.mail(mail_from)
-            if code != 250:
-                raise SmtpRefused("MAIL", code, text.decode(errors="replace"))
-            for rcpt in rcpts:
-                code, text = smtp.rcpt(rcpt)
-                if code not in (250, 251):
-                    raise SmtpRefused("RCPT", code, text.decode(errors="replace"))
-            try:
-                code, text = smtp.data(_crlf(raw))
-            except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-                error = exc.smtp_error
-                reason = error.decode(errors="replace") if isinstance(error, bytes) else error
-                raise SmtpRefused("DATA", exc.smtp_code, reason) from exc
-            if code != 250:
-                raise SmtpRefused("DATA", code, text.decode(errors="replace"))
-            return code, text.decode(errors="replace")
+        return smtp_submit(
+            self.address, raw, mail_from, rcpts, helo=helo, timeout=timeout, source_address=source
+        )
 
     # -- inspection ----------------------------------------------------------------------
 
