@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import re
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from postfix_bench import school_message, tree_cpu  # noqa: E402
+from postfix_bench import GatewayDaemon, school_message, tree_cpu  # noqa: E402
 from scanner_rules import rules_with_private_clamd  # noqa: E402
 
 from milter import protocol as p  # noqa: E402
@@ -158,25 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                     probe.bind(("127.0.0.1", 0))
                     address = ("127.0.0.1", probe.getsockname()[1])
                 name = f"inet:127.0.0.1:{address[1]}"
-            command = [sys.executable, "-m", "milter", "--rules", str(rules), "serve", "--milter", name]
-            command += [
-                "--metrics=",
-                f"--database=sqlite:///{work}/quarantine.db",
-                f"--workers={args.workers}",
-            ]
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            }
-            log = (work / "gateway.log").open("wb")
-            daemon = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(_stop, daemon)
-            _wait_until_listening(address, daemon, work / "gateway.log")
+            # The benchmark's own store and no metrics listener, as in postfix_bench.py.
+            daemon = GatewayDaemon(work, rules, name, [f"--workers={args.workers}"])
+            try:
+                daemon.start()
+            except RuntimeError as exc:
+                raise SystemExit(f"milter_bench: {exc}") from None
+            stack.callback(daemon.stop)
+            assert daemon.process is not None
+            pid = daemon.process.pid
             raw = args.message.read_bytes() if args.message else school_message()
             packets = conversation(raw)
             client(address, 50, packets)  # warm-up: imports, first allocations
             per_client = max(1, args.count // args.clients)
-            before = tree_cpu({"gateway": [daemon.pid]})["gateway"]
+            before = tree_cpu({"gateway": [pid]})["gateway"]
             started = time.perf_counter()
             clients = [
                 multiprocessing.Process(target=client, args=(address, per_client, packets))
@@ -187,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             for process in clients:
                 process.join()
             elapsed = time.perf_counter() - started
-            used = tree_cpu({"gateway": [daemon.pid]})["gateway"] - before
+            used = tree_cpu({"gateway": [pid]})["gateway"] - before
             if any(process.exitcode for process in clients):
                 print("milter_bench: a client failed; see the gateway log", file=sys.stderr)
-                print((work / "gateway.log").read_text()[-2000:], file=sys.stderr)
+                print(daemon.tail(), file=sys.stderr)
                 return 1
             total = per_client * args.clients
             print(
@@ -204,30 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _wait_until_listening(address: str | tuple[str, int], daemon: subprocess.Popen[bytes], log: Path) -> None:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise SystemExit(f"the gateway exited with {daemon.returncode}:\n{log.read_text()[-2000:]}")
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(address)
-                return
-            except OSError:
-                time.sleep(0.1)
-    raise SystemExit(f"the gateway is not listening after 30 s:\n{log.read_text()[-2000:]}")
-
-
-def _stop(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.terminate()
-    try:
-        daemon.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        daemon.wait()
 
 
 if __name__ == "__main__":
