@@ -6,7 +6,9 @@ each worker wrote to a shared directory; the parent serves the sum.
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     REGISTRY,
@@ -50,7 +52,9 @@ class Metrics:
             "school_milter_dependency_up",
             "1 when a dependency is usable (rules: the last reload succeeded)",
             ["dependency"],
-            multiprocess_mode="min",
+            # livemin: a dead worker's value leaves with it (a replaced worker that had
+            # failed a reload must not hold the gauge at 0 for ever).
+            multiprocess_mode="livemin",
             registry=registry,
         )
 
@@ -81,11 +85,33 @@ class Metrics:
             self.dependency_up.labels("clamd").set(1)
 
 
+class WorkerFilesCollector(multiprocess.MultiProcessCollector):
+    """The workers' metric files added up, skipping a file a worker is creating right now.
+
+    prometheus_client creates a worker's file before it sizes it, so a scrape at that moment
+    reads 0 bytes and its collector fails the whole scrape with a 500
+    (prometheus/client_python#1199, open in 0.26). A file that is empty has nothing in it yet.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None, path: str | None = None) -> None:
+        super().__init__(registry, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[object]:
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(name) > 0:
+                    files.append(name)
+            except FileNotFoundError:  # a dead worker's live gauge, removed since the glob
+                continue
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def serve_metrics(host: str, port: int, multiprocess_mode: bool) -> None:
     """Serve /metrics from a background thread (the parent's, with several workers)."""
     if multiprocess_mode:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        WorkerFilesCollector(registry)
         start_http_server(port, addr=host, registry=registry)
     else:
         start_http_server(port, addr=host)
