@@ -54,7 +54,12 @@ class Settings(BaseModel):
     # Prometheus metrics, "HOST:PORT"; empty to disable.
     metrics: str = "127.0.0.1:9464"
     max_connections: int = Field(default=200, ge=1)
+    # Timeouts by stage on the milter path (seconds): between two commands from the MTA;
+    # from connecting to option negotiation; from a packet's first byte to its last (so a
+    # peer trickling a byte now and then is still cut off); the scan itself.
     idle_timeout: float = Field(default=900.0, gt=0)
+    negotiate_timeout: float = Field(default=30.0, gt=0)
+    packet_timeout: float = Field(default=120.0, gt=0)
     scan_timeout: float = Field(default=120.0, gt=0)
     progress_interval: float = Field(default=10.0, gt=0)
     max_message_bytes: int = Field(default=100_000_000, ge=1024)

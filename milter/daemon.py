@@ -154,6 +154,8 @@ def _limits(settings: Settings) -> ServerLimits:
     return ServerLimits(
         max_connections=settings.max_connections,
         idle_timeout=settings.idle_timeout,
+        negotiate_timeout=settings.negotiate_timeout,
+        packet_timeout=settings.packet_timeout,
         scan_timeout=settings.scan_timeout,
         progress_interval=settings.progress_interval,
         max_message_bytes=settings.max_message_bytes,

@@ -206,6 +206,25 @@ def test_bad_config_file_is_named(tmp_path: Path) -> None:
     assert result.returncode == 2 and str(config) in result.stderr and "workers" in result.stderr
 
 
+def test_stage_timeouts_come_from_the_config_file(rules_copy: Path, tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text("[gateway]\nnegotiate_timeout = 0.5\npacket_timeout = 0.7\nidle_timeout = 60\n")
+    d = Daemon(rules_copy, tmp_path, "--config", str(config))
+    try:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as silent:
+            started = time.monotonic()
+            assert silent.recv(10) == b"", "a client that never negotiates is hung up on"
+            assert 0.4 < time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as trickle:
+            negotiate(trickle)
+            started = time.monotonic()
+            trickle.sendall(b"\x00\x00\x10")  # the start of a 4 KiB packet, and then nothing
+            assert trickle.recv(10) == b"", "a packet that stalls is cut off"
+            assert 0.6 < time.monotonic() - started < 5
+    finally:
+        assert d.stop() == 0
+
+
 # --- SMTP mode in every worker ----------------------------------------------------------------
 
 
