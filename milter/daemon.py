@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     # Imported for real only once the process knows whether metrics are shared between
     # workers: prometheus_client picks its value store when it is first imported.
     from milter.metrics import Metrics
+    from milter.smtp_mode import SmtpGateway
 
 log = logging.getLogger("school_milter")
 
@@ -244,9 +245,14 @@ async def _run_worker(
     stop = asyncio.Event()
     reloading: list[asyncio.Future[bool]] = []
 
+    smtp_gateway: SmtpGateway | None = None
+
     def on_hup() -> None:
         # Loading builds automata: off the loop, so mail keeps flowing during a reload.
         reloading.append(loop.run_in_executor(None, holder.reload))
+        if smtp_gateway is not None:  # a renewed certificate (a few small files: on the loop)
+            smtp_gateway.reload_tls()
+            _certificate_metric(metrics, smtp_gateway)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -269,7 +275,6 @@ async def _run_worker(
                 loop.call_soon_threadsafe(wake.set)
 
             milter_server.outbox_waiting = nudge
-    smtp_gateway = None
     if smtp_sock is not None:
         from milter.smtp_mode import SmtpGateway, SmtpModeConfig
 
@@ -308,6 +313,7 @@ async def _run_worker(
             )
         )
         await smtp_gateway.start(smtp_sock)
+        _certificate_metric(metrics, smtp_gateway)
     log.info("worker ready", extra={"event": "ready", "pid": os.getpid()})
     await stop.wait()
     log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
@@ -324,6 +330,11 @@ async def _run_worker(
             task.cancel()
     if followup:
         followup.store.close()
+
+
+def _certificate_metric(metrics: Metrics, gateway: SmtpGateway) -> None:
+    if gateway.certificate_expires is not None:
+        metrics.tls_certificate_expiry.set(gateway.certificate_expires.timestamp())
 
 
 def _exit_if_stuck(seconds: float) -> None:
@@ -416,7 +427,7 @@ def serve(settings: Settings) -> int:
 def _smtp_tls_usable(settings: Settings) -> bool:
     """Load SMTP mode's certificate, key and CA file once in the parent, so a bad file stops
     the start with its name (each worker loads them again for its own TLS contexts)."""
-    from milter.smtp_mode import TlsSetupError, relay_tls_context, server_tls_context
+    from milter.smtp_tls import TlsSetupError, relay_tls_context, server_tls_context
 
     try:
         if settings.smtp_tls_cert is not None and settings.smtp_tls_key is not None:

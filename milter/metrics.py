@@ -58,6 +58,13 @@ class Metrics:
             registry=registry,
         )
 
+        self.tls_certificate_expiry = Gauge(
+            "school_milter_tls_certificate_expiry_timestamp_seconds",
+            "When SMTP mode's TLS certificate expires, in Unix time (alert well before it)",
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+
     def observe(self, decision: Decision, virus_scanning: bool = False) -> None:
         self.messages.labels(decision.action).inc()
         self.scan_seconds.observe(decision.scan_seconds)

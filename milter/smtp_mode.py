@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, AnyStr, Literal
+from typing import Any, AnyStr
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, LoginPassword, Session, TLSSetupException, syntax
@@ -64,13 +64,22 @@ from milter.modify import Modification, apply_to_bytes, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, PolicyFile
 from milter.reference import new_reference
+from milter.smtp_tls import (
+    EXPIRY_WARNING_DAYS,
+    NextHopTls,
+    TlsSetupError,
+    certificate_expiry,
+    negotiated_version,
+    relay_tls_context,
+    server_tls_context,
+    tls_failure,
+)
 from milter.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
 # The verdict, the envelope, the scan's seconds and the scan itself (findings, size) for logs and metrics.
 DecisionHook = Callable[[Verdict, Envelope, float, Scan], None]
-NextHopTls = Literal["opportunistic", "required", "off"]
 
 # Used for a reference when the rules themselves cannot be had (the provider raised).
 _FALLBACK_PREFIX: str = PolicyFile.model_fields["reference_prefix"].default
@@ -269,104 +278,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-# --- TLS ---------------------------------------------------------------------------------
-
-
-class TlsSetupError(Exception):
-    """A certificate, key or CA file that cannot be used; the text names the file and why."""
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-    raise _EncryptedKey
-
-
-def _check_readable(path: Path, what: str) -> None:
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise TlsSetupError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _check_certificates(path: Path, what: str) -> None:
-    """`path` holds at least one PEM certificate (load_cert_chain's errors do not say which file is bad)."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
-    except ssl.SSLError:
-        raise TlsSetupError(f"{what} {path}: no PEM certificate in it") from None
-
-
-def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """The listener's TLS context: the standard library's server defaults (TLS 1.2 and later).
-
-    TlsSetupError names the file at fault: unreadable, not PEM, an encrypted key, or a key
-    that does not belong to the certificate.
-    """
-    _check_readable(cert, "TLS certificate")
-    _check_readable(key, "TLS key")
-    _check_certificates(cert, "TLS certificate")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = max(context.minimum_version, ssl.TLSVersion.TLSv1_2)
-    try:
-        context.load_cert_chain(cert, key, password=_no_password)
-    except _EncryptedKey:
-        raise TlsSetupError(
-            f"TLS key {key}: encrypted with a passphrase; the gateway needs it unencrypted "
-            "(readable by its user only)"
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TlsSetupError(f"TLS key {key}: does not belong to the certificate in {cert}") from None
-        raise TlsSetupError(f"TLS key {key}: no PEM private key in it") from None
-    return context
-
-
-def relay_tls_context(mode: NextHopTls, ca: Path | None = None) -> ssl.SSLContext | None:
-    """The TLS context for STARTTLS to the next hop; None when next_hop_tls is "off".
-
-    "required" verifies the certificate and its name (the next hop's host as configured)
-    against `ca` alone when given (a school's own CA), else the system's CAs;
-    "opportunistic" encrypts without checking either, as an MTA does when any TLS is
-    better than none.
-    """
-    if mode == "off":
-        return None
-    cafile = None
-    if mode == "required" and ca is not None:
-        _check_readable(ca, "next hop CA file")
-        cafile = str(ca)
-    try:
-        # With a cafile only that file is trusted; without, the system's store.
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-    except ssl.SSLError:
-        raise TlsSetupError(f"next hop CA file {ca}: no PEM certificate in it") from None
-    context.minimum_version = max(context.minimum_version, ssl.TLSVersion.TLSv1_2)
-    if mode == "opportunistic":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _tls_failure(exc: BaseException) -> str:
-    """Why a TLS handshake failed, in OpenSSL's words (never message content)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate not accepted: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error {exc.reason or exc.library or type(exc).__name__}"
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"STARTTLS answered {exc.code}"
-    return type(exc).__name__
-
-
-def _tls_version(transport_info: object) -> str | None:
-    return transport_info.version() if isinstance(transport_info, ssl.SSLObject | ssl.SSLSocket) else None
-
-
 # --- the SMTP server side ----------------------------------------------------------------
 
 
@@ -430,7 +341,7 @@ class _GatewaySMTP(SMTP):
         """The TLS version ("TLSv1.3") once STARTTLS has succeeded on this connection, else None."""
         if self.session is None or self.session.ssl is None or self.transport is None:
             return None
-        return _tls_version(self.transport.get_extra_info("ssl_object"))
+        return negotiated_version(self.transport.get_extra_info("ssl_object"))
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")  # as aiosmtpd's, for HELP
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -552,6 +463,8 @@ class SmtpGateway:
         if config.require_tls and self._tls_context is None:
             raise TlsSetupError("require_tls needs a TLS certificate and key")
         self._relay_tls = relay_tls_context(config.next_hop_tls, config.next_hop_tls_ca)
+        # When the listener's certificate expires (for a metric); None without one.
+        self.certificate_expires: datetime | None = None
         self.spool = Spool(config.spool_dir)
         self._own_executor = executor is None
         # Scanning is CPU work: a few threads keep the event loop free without
@@ -617,6 +530,7 @@ class SmtpGateway:
             config.next_hop_tls,
             extra={"event": "smtp_listening", "starttls": starttls, "next_hop_tls": config.next_hop_tls},
         )
+        self._check_expiry()
         if self._tls_context is None and not _loopback(config.listen_host):
             log.warning(
                 "SMTP mode listens on %s without TLS: mail from other hosts crosses the network in "
@@ -628,6 +542,56 @@ class SmtpGateway:
                 "next_hop_tls = off and the next hop %s is another host: mail to it crosses the "
                 "network in clear text",
                 config.next_hop_host,
+            )
+
+    def reload_tls(self) -> bool:
+        """Read the TLS files again (SIGHUP, once a certificate is renewed): new connections and
+        relays use them, connections already open keep theirs. A file that cannot be used is
+        logged with what is wrong with it and the files in force stay; False then."""
+        config = self.config
+        if config.tls_cert is None and config.next_hop_tls_ca is None:
+            return True  # no file to read again
+        try:
+            server = None
+            if config.tls_cert is not None and config.tls_key is not None:
+                server = server_tls_context(config.tls_cert, config.tls_key)
+            relay = relay_tls_context(config.next_hop_tls, config.next_hop_tls_ca)
+        except TlsSetupError as exc:
+            log.error(
+                "TLS reload failed; keeping the TLS files in force: %s",
+                exc,
+                extra={"event": "tls_reload_failed"},
+            )
+            return False
+        self._tls_context, self._relay_tls = server, relay
+        log.info("TLS files reloaded", extra={"event": "tls_reloaded", "pid": os.getpid()})
+        self._check_expiry()
+        return True
+
+    def _check_expiry(self) -> None:
+        """Warn while there is time to renew the listener's certificate; an error once it has expired
+        (clients that check certificates then refuse STARTTLS, and a required-TLS client sends nothing)."""
+        cert = self.config.tls_cert
+        expires = certificate_expiry(cert) if cert is not None else None
+        self.certificate_expires = expires
+        if cert is None or expires is None:
+            return
+        days = (expires - datetime.now(UTC)).total_seconds() / 86400
+        on = expires.date().isoformat()
+        if days < 0:
+            log.error(
+                "TLS certificate %s expired on %s: renew it, then send SIGHUP",
+                cert,
+                on,
+                extra={"event": "tls_certificate_expired", "expires": on},
+            )
+        elif days < EXPIRY_WARNING_DAYS:
+            log.warning(
+                "TLS certificate %s expires in %d day(s), on %s: renew it, then send SIGHUP",
+                cert,
+                int(days),
+                on,
+                extra={"event": "tls_certificate_expiring", "expires": on},
             )
 
     async def stop(self) -> None:
@@ -713,7 +677,7 @@ class SmtpGateway:
         if isinstance(error, TLSSetupException):
             # A client that cannot do TLS with us (old protocol, a scanner): aiosmtpd hangs up
             # and the client still has its message; a warning, not a fault of ours.
-            log.warning("STARTTLS handshake with a client failed: %s", _tls_failure(error.__cause__ or error))
+            log.warning("STARTTLS handshake with a client failed: %s", tls_failure(error.__cause__ or error))
             return "421 4.7.0 TLS handshake failed"  # never sent: aiosmtpd just closes the connection
         # aiosmtpd's default answer is a permanent 500 with the exception's text: never that.
         reference = new_reference(self._prefix)
@@ -929,7 +893,7 @@ class SmtpGateway:
                 await client.starttls(tls_context=self._relay_tls)
                 await client.ehlo()  # RFC 3207: what the server said before TLS no longer counts
             except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
-                why = _tls_failure(exc)
+                why = tls_failure(exc)
                 if config.next_hop_tls == "required":
                     log.error(
                         "%s: TLS with the next hop %s:%d failed (%s) and next_hop_tls = required: "
@@ -955,7 +919,7 @@ class SmtpGateway:
                 await client.connect()
                 await client.ehlo()
                 return client, None
-            return client, _tls_version(client.get_transport_info("ssl_object")) or "TLS"
+            return client, negotiated_version(client.get_transport_info("ssl_object")) or "TLS"
         except BaseException:
             client.close()
             raise

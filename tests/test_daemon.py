@@ -691,3 +691,103 @@ def _send_over_tls_until_every_worker_has_some(d: SmtpDaemon, ca: TestCA, worker
     assert all(e["client_tls"] != "none" and e["relay_tls"] != "none" for e in lines)
     assert "redborne.example" not in d.log_path.read_text()
     assert d.stop() == 0
+
+
+def _served_certificate(d: SmtpDaemon, ca: TestCA) -> tuple[int, int]:
+    """The serial number of the certificate a STARTTLS client is given now, and the reply to a message."""
+    with smtplib.SMTP("127.0.0.1", d.smtp_port, local_hostname="client.test", timeout=30) as client:
+        client.starttls(context=ca.client_context())
+        assert isinstance(client.sock, ssl.SSLSocket)
+        peer = client.sock.getpeercert()
+        assert peer is not None
+        serial = int(str(peer["serialNumber"]), 16)
+        client.ehlo()
+        code, _text = transaction(client, build(STAFF, STAFF2, "Rota", "Cover."), STAFF, [STAFF2])
+        return serial, code
+
+
+def _serial(cert: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+def _wait_for_event(d: Daemon, event: str, count: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = [e for e in d.log_lines() if e.get("event") == event]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} {event!r} in log:\n{d.log_path.read_text()}")
+
+
+def test_sighup_takes_a_renewed_certificate_and_keeps_the_old_one_when_the_new_is_broken(
+    rules_copy: Path, tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path / "ca")
+    live = ca.issue("live", days=5)  # the files the config names, as certbot's live/ directory
+    first = _serial(live.cert)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nsmtp_tls_cert = "{live.cert}"\nsmtp_tls_key = "{live.key}"\n')
+    sink = Sink()
+    try:
+        d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)
+        try:
+            d.wait_for_log("worker ready", count=2)
+            # Five days left: each worker warns at start, and the metric says when.
+            warnings = _wait_for_event(d, "tls_certificate_expiring", 2)
+            assert "expires in 4 day(s)" in str(warnings[0]["message"])
+            expiry = re.search(
+                r"^school_milter_tls_certificate_expiry_timestamp_seconds (\S+)$", d.metrics(), re.M
+            )
+            assert expiry and abs(float(expiry.group(1)) - (time.time() + 5 * 86400)) < 600
+            assert {_served_certificate(d, ca) for _ in range(6)} == {(first, 250)}
+
+            renewed = ca.issue("renewed", days=90)
+            for path, new in ((live.cert, renewed.cert), (live.key, renewed.key)):
+                os.replace(new, path)
+            d.proc.send_signal(signal.SIGHUP)
+            _wait_for_event(d, "tls_reloaded", 2)
+            # Every worker now hands out the renewed certificate (six connections, two workers).
+            assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
+            assert _serial(live.cert) != first
+            assert len([e for e in d.log_lines() if e.get("event") == "tls_certificate_expiring"]) == 2
+
+            # A renewal that went wrong: the key is not PEM. The certificate in force stays.
+            live.key.write_text("not a key\n")
+            d.proc.send_signal(signal.SIGHUP)
+            failures = _wait_for_event(d, "tls_reload_failed", 2)
+            assert str(live.key) in str(failures[0]["message"]) and "no PEM private key" in str(
+                failures[0]["message"]
+            )
+            assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
+            assert d.proc.poll() is None
+        finally:
+            assert d.stop() == 0
+    finally:
+        sink.close()
+
+
+def test_an_expired_certificate_is_an_error_in_the_log_but_mail_still_flows(
+    rules_copy: Path, tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path / "ca")
+    expired = ca.issue("expired", days=-2)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nsmtp_tls_cert = "{expired.cert}"\nsmtp_tls_key = "{expired.key}"\n')
+    sink = Sink()
+    try:
+        d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)
+        try:
+            d.wait_for_log("worker ready", count=2)
+            errors = _wait_for_event(d, "tls_certificate_expired", 2)
+            assert errors[0]["level"] == "error" and str(expired.cert) in str(errors[0]["message"])
+            # A client that checks certificates refuses it; one that does not (most MTAs) still sends.
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _served_certificate(d, ca)
+            assert d.smtp(build(STAFF, STAFF2, "Rota", "Cover."))[0] == 250
+        finally:
+            assert d.stop() == 0
+    finally:
+        sink.close()

@@ -39,12 +39,10 @@ from milter.smtp_mode import (
     SmtpGateway,
     SmtpModeConfig,
     Spool,
-    TlsSetupError,
     _auth_user,
     format_reply,
-    relay_tls_context,
-    server_tls_context,
 )
+from milter.smtp_tls import TlsSetupError, relay_tls_context, server_tls_context
 from milter.store import Store
 from milter.verdict import Verdict
 from tests.mail import build

@@ -72,8 +72,11 @@ class TestCA:
         self.cert_path = directory / "ca.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> ServerCert:
-        """A server certificate for `names` (host names or IP addresses), written as STEM.pem and STEM.key."""
+    def issue(
+        self, stem: str, names: tuple[str, ...] = ("localhost", "127.0.0.1"), days: float = 30
+    ) -> ServerCert:
+        """A server certificate for `names` (host names or IP addresses), valid for `days` more
+        days (negative: expired), written as STEM.pem and STEM.key."""
         key = ec.generate_private_key(ec.SECP256R1())
         alt_names: list[x509.GeneralName] = []
         for name in names:
@@ -88,8 +91,8 @@ class TestCA:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _ONE_DAY)
-            .not_valid_after(now + _ONE_DAY)
+            .not_valid_before(now - _ONE_DAY * max(1, 1 - days))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
