@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "smtp_require_tls": args.smtp_require_tls,
         "next_hop_tls": args.next_hop_tls,
         "next_hop_tls_ca": args.next_hop_tls_ca,
+        "next_hop_tls_name": args.next_hop_tls_name,
         "workers": args.workers,
         "metrics": args.metrics,
         "spool": args.spool,
@@ -222,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMTP mode: STARTTLS to the next hop (default opportunistic)",
     )
     p.add_argument("--next-hop-tls-ca", metavar="PEM", help="SMTP mode: CA file for --next-hop-tls required")
+    p.add_argument(
+        "--next-hop-tls-name",
+        metavar="NAME",
+        help="SMTP mode: the name the next hop's certificate must carry (default: the --next-hop host)",
+    )
     p.add_argument("--workers", type=int, help="worker processes sharing the socket (default 1)")
     p.add_argument("--metrics", help="HOST:PORT for Prometheus metrics; '' to disable")
     p.add_argument("--spool", type=Path, help="spool directory for SMTP mode")

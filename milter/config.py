@@ -36,6 +36,9 @@ class Settings(BaseModel):
     next_hop_tls: Literal["opportunistic", "required", "off"] = "opportunistic"
     # With "required": the CA certificates (PEM) to verify against instead of the system's.
     next_hop_tls_ca: Path | None = None
+    # With "required": the name the next hop's certificate must carry, when the next_hop
+    # host is an address or an alias the certificate does not name. Empty: the next_hop host.
+    next_hop_tls_name: str = ""
     spool: Path = Path("var/spool")
     # The quarantine store (SQLAlchemy URL): SQLite by default, or
     # postgresql+psycopg://user:password@host/dbname shared by several daemons and hosts.

@@ -296,6 +296,7 @@ async def _run_worker(
                 tls_exempt=tuple(settings.smtp_tls_exempt),
                 next_hop_tls=settings.next_hop_tls,
                 next_hop_tls_ca=settings.next_hop_tls_ca,
+                next_hop_tls_name=settings.next_hop_tls_name or None,
             ),
             holder.get,
             followup=followup,

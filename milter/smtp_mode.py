@@ -132,6 +132,9 @@ class SmtpModeConfig:
     next_hop_tls: NextHopTls = "opportunistic"
     # CA certificates (PEM) a "required" next hop's certificate must chain to; None: the system's.
     next_hop_tls_ca: Path | None = None
+    # The name a "required" next hop's certificate must carry when next_hop_host is not it
+    # (an IP address, an internal alias); None: next_hop_host.
+    next_hop_tls_name: str | None = None
 
 
 # --- replies -----------------------------------------------------------------------------
@@ -890,7 +893,7 @@ class SmtpGateway:
                     raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference))
                 return client, None
             try:
-                await client.starttls(tls_context=self._relay_tls)
+                await client.starttls(tls_context=self._relay_tls, server_hostname=config.next_hop_tls_name)
                 await client.ehlo()  # RFC 3207: what the server said before TLS no longer counts
             except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
                 why = tls_failure(exc)

@@ -626,7 +626,8 @@ class TlsSmtpDaemon(SmtpDaemon):
 def test_smtp_tls_both_ways_in_every_worker(rules_copy: Path, tmp_path: Path) -> None:
     ca = TestCA(tmp_path / "ca")
     gateway_cert = ca.issue("gateway")
-    sink = TlsSink(ca.issue("nexthop").server_context())
+    # The next hop is reached as 127.0.0.1; its certificate names it only by host name.
+    sink = TlsSink(ca.issue("nexthop", names=("nexthop.redborne.test",)).server_context())
     config = tmp_path / "gw.toml"
     config.write_text(
         "[gateway]\n"
@@ -637,6 +638,7 @@ def test_smtp_tls_both_ways_in_every_worker(rules_copy: Path, tmp_path: Path) ->
         'smtp_tls_exempt = ["127.0.0.1/32"]\n'
         'next_hop_tls = "required"\n'
         f'next_hop_tls_ca = "{ca.cert_path}"\n'
+        'next_hop_tls_name = "nexthop.redborne.test"\n'
     )
     try:
         d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)

@@ -797,6 +797,38 @@ def test_relay_tls_required_to_a_next_hop_with_a_certificate_from_the_configured
     assert [getattr(r, "tls", None) for r in relayed_lines] == [version]
 
 
+def test_relay_tls_required_checks_the_configured_name_when_the_next_hop_is_an_address(
+    start: Callable[..., Running], school_ca: TestCA
+) -> None:
+    """next_hop = 127.0.0.1 with a certificate naming only mail.redborne.test: verified against
+    next_hop_tls_name (as Postfix's smtp_tls_verify_cert_match), refused without it."""
+    named = school_ca.issue("named", names=("mail.redborne.test",))
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello"))
+    without = start(
+        next_hop_tls="required",
+        next_hop_tls_ca=school_ca.cert_path,
+        next_hop_tls_context=named.server_context(),
+    )
+    assert without.send(raw, STAFF, [STAFF2])[0] == 451
+    gateway = start(
+        next_hop_tls="required",
+        next_hop_tls_ca=school_ca.cert_path,
+        next_hop_tls_name="mail.redborne.test",
+        next_hop_tls_context=named.server_context(),
+    )
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+    assert code == 250, reply
+    assert gateway.next_hop.tls[0] in ("TLSv1.2", "TLSv1.3")
+    # The name is checked, not just present: another name is refused.
+    other = start(
+        next_hop_tls="required",
+        next_hop_tls_ca=school_ca.cert_path,
+        next_hop_tls_name="mail.elsewhere.test",
+        next_hop_tls_context=named.server_context(),
+    )
+    assert other.send(raw, STAFF, [STAFF2])[0] == 451
+
+
 @pytest.mark.parametrize(
     ("next_hop", "why"),
     [
