@@ -62,6 +62,9 @@ class Daemon:
                     if any(a.startswith("--database") for a in extra)
                     else ["--database", f"sqlite:///{tmp}/q.db"]
                 ),
+                # Guidance and alerts go to a port of the test's own where nothing listens (they
+                # wait in the outbox), never to 127.0.0.1:10026, which a running gateway may own.
+                *([] if "--reinject" in extra else ["--reinject", f"127.0.0.1:{free_port()}"]),
                 *extra,
             ],
             stdout=self.log_file,

@@ -11,6 +11,8 @@ the reason, when the install script has not been run.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 from milter import protocol as p
 from milter.config import Settings
 from milter.server import WANTED_ACTIONS, WANTED_MACROS
+from milter.store import HeldFilter, Store
 from tests.integration import test_postfix_milter as postfix_tests
 from tests.mail import build
 from tests.postfix_harness import SmtpRefused, SmtpSink, free_port
@@ -274,6 +277,63 @@ def test_without_a_store_received_obscene_mail_is_quarantined_by_sendmail(
         if mta is not None:
             mta.stop()
         daemon.stop()
+
+
+@needs_sendmail
+def test_with_the_store_over_a_unix_socket_quarantined_mail_is_stored_and_sendmail_keeps_no_copy(
+    rules_copy: Path, tmp_path: Path, sink: SmtpSink
+) -> None:
+    # The deployment most schools have: the store (the default), and S=local: to a socket
+    # file. The gateway stores the message, then tells Sendmail to discard its copy.
+    policy = rules_copy / "policy.yaml"
+    trusted = "trusted_networks: [127.0.0.0/8,"
+    policy.write_text(policy.read_text().replace(trusted, "trusted_networks: [127.0.0.1/32,"))
+    # Sendmail refuses a socket with a world-writable directory on its path ("unsafe"), so
+    # not under /tmp: a private directory in /run, as the systemd unit's RuntimeDirectory.
+    run = Path(tempfile.mkdtemp(prefix="school-milter-test-", dir="/run"))
+    socket_path = run / "milter.sock"
+    (tmp_path / "gw").mkdir()
+    host, port = sink.address
+    # Alerts and guidance go to the sink too (the re-injection listener's stand-in).
+    daemon = Daemon(
+        rules_copy, tmp_path / "gw", "--milter", f"unix:{socket_path}", "--reinject", f"{host}:{port}"
+    )
+    mta = None
+    try:
+        mta = SendmailInstance(
+            tmp_path / "sendmail",
+            next_hop=sink.address,
+            milter=f"local:{socket_path}",
+            extra_mc=["RELAY_DOMAIN(`redborne.example')dnl"],
+        )
+        mta.start()
+        assert f"S=local:{socket_path}" in (mta.conf / "school-milter.mc").read_text()
+        raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
+        code, _ = mta.send(
+            raw, "prize@spam.example", ["a.patel@redborne.example"], client_address="127.0.0.2"
+        )
+        assert code == 250  # the sender learns nothing
+        (decision,) = wait_for_decisions(daemon, 1)
+        assert decision["action"] == "quarantine" and decision["direction"] == "inbound"
+        store = Store(f"sqlite:///{tmp_path / 'gw'}/q.db")
+        try:
+            (held,) = store.find(HeldFilter(kind="quarantine"))
+            record = store.get(held.id)
+        finally:
+            store.close()
+        assert record.sender == "prize@spam.example" and record.recipients == ("a.patel@redborne.example",)
+        assert record.id == decision["reference"] and record.queue_id == decision["queue_id"] != ""
+        # SLT's alert arrives; the message itself does not, and Sendmail holds no copy.
+        alert = sink.wait_for(1, timeout=15)[0]
+        assert "slt@redborne.example" in alert.rcpt_tos and b"fuck you" not in alert.data
+        time.sleep(0.5)
+        assert not any("a.patel@redborne.example" in m.rcpt_tos for m in sink.messages)
+        assert mta.queue_files() == []
+    finally:
+        if mta is not None:
+            mta.stop()
+        daemon.stop()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 @needs_sendmail
