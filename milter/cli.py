@@ -137,12 +137,9 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
     rules = _load_or_report(path)
     if rules is None:
         return 1
-    print(
-        f"{path}: OK: {len(rules.policy.actions)} action rules, {len(rules.clauses)} clauses, "
-        f"{len(rules.obscene)} lexicon terms, {len(rules.safeguarding.lexicon)} safeguarding terms, "
-        f"{len(rules.domains)} listed domains, {len(rules.advertising)} advertising phrases, "
-        f"{len(rules.directory) if rules.directory else 0} directory entries"
-    )
+    from milter.preflight import describe_rules
+
+    print(f"{path}: OK: {describe_rules(rules)}")
     return 0
 
 
@@ -175,6 +172,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"school-milter: {problem}", file=sys.stderr)
         return 2
+    if args.check:
+        from milter.preflight import preflight
+
+        where = args.config or "command line and defaults"
+        print(f"ok       config {where}")
+        return preflight(settings)
     return main_serve(settings)
 
 
@@ -207,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--milter", help="milter socket, e.g. inet:127.0.0.1:8894 or unix:/run/school-milter/milter.sock"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check config, rules, TLS files, store and clamd without starting; exit 2 on a problem",
     )
     p.add_argument("--smtp", help="SMTP mode: HOST:PORT to listen on")
     p.add_argument("--next-hop", help="SMTP mode: HOST:PORT accepted mail is relayed to")

@@ -385,7 +385,7 @@ def serve(settings: Settings) -> int:
             return 2
         except Exception as exc:
             log.error(
-                "cannot open the quarantine store %s: %s", _safe_url(settings.database), type(exc).__name__
+                "cannot open the quarantine store %s: %s", safe_url(settings.database), type(exc).__name__
             )
             return 2
     try:
@@ -519,7 +519,7 @@ def _supervise(
     return 0 if stopping else 1
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """A database URL without its password, for logs."""
     from sqlalchemy.engine import make_url
 
