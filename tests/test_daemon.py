@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from tests.conftest import REPO, copy_rules
 from tests.mail import build
 from tests.test_milter_protocol import converse, negotiate
 from tests.test_smtp_mode import OUTSIDER, REFERENCE, STAFF, STAFF2, NextHop, crlf, transaction
-from tests.tls_certs import TestCA
+from tests.tls_certs import ServerCert, TestCA
 
 
 def free_port() -> int:
@@ -727,51 +728,57 @@ def _wait_for_event(d: Daemon, event: str, count: int) -> list[dict[str, object]
     raise AssertionError(f"no {count} {event!r} in log:\n{d.log_path.read_text()}")
 
 
+@contextlib.contextmanager
+def _daemon_with_certificate(rules: Path, tmp_path: Path, cert: ServerCert) -> Iterator[SmtpDaemon]:
+    """`serve --workers 2` in SMTP mode offering STARTTLS with `cert`, both workers ready."""
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nsmtp_tls_cert = "{cert.cert}"\nsmtp_tls_key = "{cert.key}"\n')
+    sink = Sink()
+    try:
+        d = TlsSmtpDaemon(rules, tmp_path, sink, config)
+        try:
+            d.wait_for_log("worker ready", count=2)
+            yield d
+        finally:
+            assert d.stop() == 0
+    finally:
+        sink.close()
+
+
 def test_sighup_takes_a_renewed_certificate_and_keeps_the_old_one_when_the_new_is_broken(
     rules_copy: Path, tmp_path: Path
 ) -> None:
     ca = TestCA(tmp_path / "ca")
     live = ca.issue("live", days=5)  # the files the config names, as certbot's live/ directory
     first = _serial(live.cert)
-    config = tmp_path / "gw.toml"
-    config.write_text(f'[gateway]\nsmtp_tls_cert = "{live.cert}"\nsmtp_tls_key = "{live.key}"\n')
-    sink = Sink()
-    try:
-        d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)
-        try:
-            d.wait_for_log("worker ready", count=2)
-            # Five days left: each worker warns at start, and the metric says when.
-            warnings = _wait_for_event(d, "tls_certificate_expiring", 2)
-            assert "expires in 4 day(s)" in str(warnings[0]["message"])
-            expiry = re.search(
-                r"^school_milter_tls_certificate_expiry_timestamp_seconds (\S+)$", d.metrics(), re.M
-            )
-            assert expiry and abs(float(expiry.group(1)) - (time.time() + 5 * 86400)) < 600
-            assert {_served_certificate(d, ca) for _ in range(6)} == {(first, 250)}
+    with _daemon_with_certificate(rules_copy, tmp_path, live) as d:
+        # Five days left: each worker warns at start, and the metric says when.
+        warnings = _wait_for_event(d, "tls_certificate_expiring", 2)
+        assert "expires in 4 day(s)" in str(warnings[0]["message"])
+        expiry = re.search(
+            r"^school_milter_tls_certificate_expiry_timestamp_seconds (\S+)$", d.metrics(), re.M
+        )
+        assert expiry and abs(float(expiry.group(1)) - (time.time() + 5 * 86400)) < 600
+        assert {_served_certificate(d, ca) for _ in range(6)} == {(first, 250)}
 
-            renewed = ca.issue("renewed", days=90)
-            for path, new in ((live.cert, renewed.cert), (live.key, renewed.key)):
-                os.replace(new, path)
-            d.proc.send_signal(signal.SIGHUP)
-            _wait_for_event(d, "tls_reloaded", 2)
-            # Every worker now hands out the renewed certificate (six connections, two workers).
-            assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
-            assert _serial(live.cert) != first
-            assert len([e for e in d.log_lines() if e.get("event") == "tls_certificate_expiring"]) == 2
+        renewed = ca.issue("renewed", days=90)
+        for path, new in ((live.cert, renewed.cert), (live.key, renewed.key)):
+            os.replace(new, path)
+        d.proc.send_signal(signal.SIGHUP)
+        _wait_for_event(d, "tls_reloaded", 2)
+        # Every worker now hands out the renewed certificate (six connections, two workers).
+        assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
+        assert _serial(live.cert) != first
+        assert len([e for e in d.log_lines() if e.get("event") == "tls_certificate_expiring"]) == 2
 
-            # A renewal that went wrong: the key is not PEM. The certificate in force stays.
-            live.key.write_text("not a key\n")
-            d.proc.send_signal(signal.SIGHUP)
-            failures = _wait_for_event(d, "tls_reload_failed", 2)
-            assert str(live.key) in str(failures[0]["message"]) and "no PEM private key" in str(
-                failures[0]["message"]
-            )
-            assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
-            assert d.proc.poll() is None
-        finally:
-            assert d.stop() == 0
-    finally:
-        sink.close()
+        # A renewal that went wrong: the key is not PEM. The certificate in force stays.
+        live.key.write_text("not a key\n")
+        d.proc.send_signal(signal.SIGHUP)
+        failures = _wait_for_event(d, "tls_reload_failed", 2)
+        message = str(failures[0]["message"])
+        assert str(live.key) in message and "no PEM private key" in message
+        assert {_served_certificate(d, ca) for _ in range(6)} == {(_serial(live.cert), 250)}
+        assert d.proc.poll() is None
 
 
 def test_an_expired_certificate_is_an_error_in_the_log_but_mail_still_flows(
@@ -779,20 +786,10 @@ def test_an_expired_certificate_is_an_error_in_the_log_but_mail_still_flows(
 ) -> None:
     ca = TestCA(tmp_path / "ca")
     expired = ca.issue("expired", days=-2)
-    config = tmp_path / "gw.toml"
-    config.write_text(f'[gateway]\nsmtp_tls_cert = "{expired.cert}"\nsmtp_tls_key = "{expired.key}"\n')
-    sink = Sink()
-    try:
-        d = TlsSmtpDaemon(rules_copy, tmp_path, sink, config)
-        try:
-            d.wait_for_log("worker ready", count=2)
-            errors = _wait_for_event(d, "tls_certificate_expired", 2)
-            assert errors[0]["level"] == "error" and str(expired.cert) in str(errors[0]["message"])
-            # A client that checks certificates refuses it; one that does not (most MTAs) still sends.
-            with pytest.raises(ssl.SSLCertVerificationError):
-                _served_certificate(d, ca)
-            assert d.smtp(build(STAFF, STAFF2, "Rota", "Cover."))[0] == 250
-        finally:
-            assert d.stop() == 0
-    finally:
-        sink.close()
+    with _daemon_with_certificate(rules_copy, tmp_path, expired) as d:
+        errors = _wait_for_event(d, "tls_certificate_expired", 2)
+        assert errors[0]["level"] == "error" and str(expired.cert) in str(errors[0]["message"])
+        # A client that checks certificates refuses it; one that does not (most MTAs) still sends.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _served_certificate(d, ca)
+        assert d.smtp(build(STAFF, STAFF2, "Rota", "Cover."))[0] == 250

@@ -239,6 +239,20 @@ def test_gateway_down_means_4xx_then_delivery(
         restarted.stop()
 
 
+def trust_only_127_0_0_1(rules: Path) -> None:
+    """The rules trust 127.0.0.1 alone, so mail from 127.0.0.2 comes from a client outside."""
+    policy = rules / "policy.yaml"
+    trusted = "trusted_networks: [127.0.0.0/8,"
+    assert trusted in policy.read_text()
+    policy.write_text(policy.read_text().replace(trusted, "trusted_networks: [127.0.0.1/32,"))
+
+
+def send_obscene_from_outside(mta: SendmailInstance) -> int:
+    raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
+    code, _ = mta.send(raw, "prize@spam.example", ["a.patel@redborne.example"], client_address="127.0.0.2")
+    return code
+
+
 @needs_sendmail
 def test_without_a_store_received_obscene_mail_is_quarantined_by_sendmail(
     rules_copy: Path, tmp_path: Path, sink: SmtpSink
@@ -246,10 +260,7 @@ def test_without_a_store_received_obscene_mail_is_quarantined_by_sendmail(
     # With `database = ""` the protocol's quarantine action is used: Sendmail keeps the
     # message in its queue, held (an hf file), and delivers nothing. The rules trust
     # 127.0.0.1 alone and the mail comes from 127.0.0.2: a client from outside.
-    policy = rules_copy / "policy.yaml"
-    trusted = "trusted_networks: [127.0.0.0/8,"
-    assert trusted in policy.read_text()
-    policy.write_text(policy.read_text().replace(trusted, "trusted_networks: [127.0.0.1/32,"))
+    trust_only_127_0_0_1(rules_copy)
     (tmp_path / "nostore").mkdir()
     daemon = Daemon(rules_copy, tmp_path / "nostore", "--database=")
     mta = None
@@ -261,10 +272,7 @@ def test_without_a_store_received_obscene_mail_is_quarantined_by_sendmail(
             extra_mc=["RELAY_DOMAIN(`redborne.example')dnl"],  # the school's mail server
         )
         mta.start()
-        raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
-        code, _ = mta.send(
-            raw, "prize@spam.example", ["a.patel@redborne.example"], client_address="127.0.0.2"
-        )
+        code = send_obscene_from_outside(mta)
         assert code == 250  # held by Sendmail: the sender learns nothing
         (decision,) = wait_for_decisions(daemon, 1)
         assert decision["action"] == "quarantine" and decision["direction"] == "inbound"
@@ -285,9 +293,7 @@ def test_with_the_store_over_a_unix_socket_quarantined_mail_is_stored_and_sendma
 ) -> None:
     # The deployment most schools have: the store (the default), and S=local: to a socket
     # file. The gateway stores the message, then tells Sendmail to discard its copy.
-    policy = rules_copy / "policy.yaml"
-    trusted = "trusted_networks: [127.0.0.0/8,"
-    policy.write_text(policy.read_text().replace(trusted, "trusted_networks: [127.0.0.1/32,"))
+    trust_only_127_0_0_1(rules_copy)
     # Sendmail refuses a socket with a world-writable directory on its path ("unsafe"), so
     # not under /tmp: a private directory in /run, as the systemd unit's RuntimeDirectory.
     run = Path(tempfile.mkdtemp(prefix="school-milter-test-", dir="/run"))
@@ -308,10 +314,7 @@ def test_with_the_store_over_a_unix_socket_quarantined_mail_is_stored_and_sendma
         )
         mta.start()
         assert f"S=local:{socket_path}" in (mta.conf / "school-milter.mc").read_text()
-        raw = build("prize@spam.example", "a.patel@redborne.example", "you won", "fuck you and your school")
-        code, _ = mta.send(
-            raw, "prize@spam.example", ["a.patel@redborne.example"], client_address="127.0.0.2"
-        )
+        code = send_obscene_from_outside(mta)
         assert code == 250  # the sender learns nothing
         (decision,) = wait_for_decisions(daemon, 1)
         assert decision["action"] == "quarantine" and decision["direction"] == "inbound"
