@@ -35,6 +35,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import ipaddress
 import json
@@ -232,13 +233,18 @@ class Spool:
         tmp = self.tmp / final.name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            # A disk that filled up mid-write: a half file would only take more of it.
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(final.parent)
         return final
 
@@ -789,6 +795,21 @@ class SmtpGateway:
             if path is not None:
                 Spool.remove(path)
             raise
+        except OSError as exc:
+            if stage == "spool" and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Nothing was taken: the client keeps the message and retries (RFC 3463 4.3.1).
+                log.error(
+                    "%s: the spool %s is full: mail is refused with 452 until there is room",
+                    reference,
+                    self.spool.root,
+                    extra={"event": "spool_full"},
+                )
+                return format_reply(
+                    452,
+                    "4.3.1",
+                    f"Insufficient system storage; please try again later. Reference {reference}.",
+                )
+            return await self._failed(path, reference, envelope, stage, exc)
         except Exception as exc:
             return await self._failed(path, reference, envelope, stage, exc)
         log.info(

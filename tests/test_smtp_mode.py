@@ -966,3 +966,50 @@ def test_the_authenticated_user_comes_from_aiosmtpd_auth_data() -> None:
     session.authenticated = True
     assert _auth_user(session) == "j.hughes@redborne.example"
     session.loop.close()
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 512 KiB (tmpfs), so the spool can really fill up."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_spool_disk_answers_452_and_keeps_nothing_half_written(rules: Rules, small_disk: Path) -> None:
+    gateway = Running(rules, small_disk / "spool")
+    try:
+        filler = small_disk / "filler"
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * (free - 64 * 1024))  # 64 KiB left
+        big = build(STAFF, STAFF2, "Minutes", "Minutes of the meeting.\n" * 8000)  # ~190 KB
+        code, reply = gateway.send(big, STAFF, [STAFF2])
+        # Nothing was taken: the client keeps the message and tries again later.
+        assert code == 452 and reply.startswith("4.3.1 Insufficient system storage"), reply
+        assert REFERENCE.search(reply)
+        assert gateway.files("tmp") == [] and gateway.files("incoming") == []  # no half file left
+        assert gateway.next_hop.received == []
+        # Small mail still fits and goes through.
+        assert gateway.send(build(STAFF, STAFF2, "Rota", "Cover."), STAFF, [STAFF2])[0] == 250
+        # Once there is room again, the retry of the big one is delivered.
+        filler.unlink()
+        code, reply = gateway.send(big, STAFF, [STAFF2])
+        assert code == 250, reply
+        subjects = [re.search(rb"^Subject: (.*)$", data, re.M) for _, _, data in gateway.next_hop.received]
+        assert [m.group(1).strip() for m in subjects if m] == [b"Rota", b"Minutes"]
+    finally:
+        gateway.close()
