@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -637,13 +639,33 @@ def parse_address(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int
     return parse_socket_name(spec, "milter socket")
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a gateway that is gone; OSError when `path` is in use or
+    is not a socket, so a second gateway never takes a running one's socket from it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: left by a gateway that stopped
+            return
+        except OSError:
+            pass  # no answer in time: someone holds it
+    raise OSError(errno.EADDRINUSE, f"another process is listening on {path}")
+
+
 def bind(spec: str, backlog: int = 256) -> socket.socket:
     """A listening socket for the spec; shared by worker processes after fork."""
     family, where = parse_address(spec)
     if family == socket.AF_UNIX:
         assert isinstance(where, str)
-        if os.path.exists(where):
-            os.unlink(where)  # a stale socket from a previous run
+        _remove_stale_socket(where)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(where)
         os.chmod(where, 0o660)

@@ -516,6 +516,54 @@ def serve_and_fail(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _answers_on_unix_socket(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        negotiate(sock)
+        return True
+
+
+def test_a_unix_socket_in_use_is_never_taken_and_a_stale_one_is_replaced(
+    rules_copy: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "milter.sock"
+    (tmp_path / "first").mkdir()
+    first = Daemon(rules_copy, tmp_path / "first", "--milter", f"unix:{path}", "--metrics=")
+    try:
+        assert _answers_on_unix_socket(path)
+        # A second gateway started by mistake on the same socket stops, naming the owner...
+        second = serve_and_fail(
+            "--rules", str(rules_copy), "serve", "--milter", f"unix:{path}", "--metrics=", "--database="
+        )
+        assert second.returncode == 1
+        assert f"another process is listening on {path}" in second.stderr
+        # ...and the running one keeps its socket.
+        assert _answers_on_unix_socket(path)
+    finally:
+        assert first.stop() == 0
+    # A socket file nobody listens on (a gateway killed with SIGKILL leaves one) is replaced.
+    if not path.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as leftover:
+            leftover.bind(str(path))
+    (tmp_path / "third").mkdir()
+    third = Daemon(rules_copy, tmp_path / "third", "--milter", f"unix:{path}", "--metrics=")
+    try:
+        assert _answers_on_unix_socket(path)
+    finally:
+        assert third.stop() == 0
+
+
+def test_a_file_that_is_not_a_socket_is_not_replaced(rules_copy: Path, tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    path.write_text("someone's file\n")
+    result = serve_and_fail(
+        "--rules", str(rules_copy), "serve", "--milter", f"unix:{path}", "--metrics=", "--database="
+    )
+    assert result.returncode == 1 and f"{path} exists and is not a socket" in result.stderr
+    assert path.read_text() == "someone's file\n"
+
+
 @pytest.mark.parametrize("fault", ["missing certificate", "key of another certificate", "CA file not PEM"])
 def test_smtp_tls_files_that_cannot_be_used_stop_the_start_naming_the_file(
     rules_copy: Path, tmp_path: Path, fault: str
