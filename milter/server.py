@@ -124,6 +124,8 @@ class _MessageState:
     body: tempfile.SpooledTemporaryFile[bytes] | None = None
     size: int = 0
     too_large: bool = False
+    # The body could not be kept (the temporary files' disk is full): errno's name.
+    storage_error: str | None = None
 
 
 class MilterSession:
@@ -327,12 +329,22 @@ class MilterSession:
 
     def _add_body(self, data: bytes) -> None:
         self._count(len(data))
-        if self.message.too_large:
+        state = self.message
+        if state.too_large or state.storage_error:
             return
-        if self.message.body is None:
-            # Lives across many BODY commands; closed in _reset_message.
-            self.message.body = tempfile.SpooledTemporaryFile(max_size=self.limits.spool_threshold)  # noqa: SIM115
-        self.message.body.write(data)
+        try:
+            if state.body is None:
+                # Lives across many BODY commands; closed in _reset_message.
+                state.body = tempfile.SpooledTemporaryFile(max_size=self.limits.spool_threshold)  # noqa: SIM115
+            state.body.write(data)
+        except OSError as exc:
+            # A large body goes to a temporary file; with its disk full the message cannot be
+            # scanned whole. The rest of it is read and dropped; end of message answers 4xx.
+            state.storage_error = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            if state.body is not None:
+                with contextlib.suppress(OSError):
+                    state.body.close()
+                state.body = None
 
     def _count(self, size: int) -> None:
         self.message.size += size
@@ -367,6 +379,9 @@ class MilterSession:
         envelope = self._envelope()
         state = self.message
         started = time.perf_counter()
+        if state.storage_error:
+            await self._storage_full(envelope, state)
+            return
         if state.too_large:
             reference = new_reference(self.server.rules_provider().policy.reference_prefix)
             await self._send(
@@ -412,6 +427,30 @@ class MilterSession:
                 len(raw),
                 len(state.rcpts),
                 result,
+            )
+        )
+
+    async def _storage_full(self, envelope: Envelope, state: _MessageState) -> None:
+        """The body did not fit on the temporary files' disk: 452 4.3.1, and the MTA keeps the mail."""
+        reference = new_reference(self.server.rules_provider().policy.reference_prefix)
+        log.error(
+            "%s: no room for the body in a temporary file (%s, in %s): answered 452, the MTA retries",
+            reference,
+            state.storage_error,
+            tempfile.gettempdir(),
+            extra={"event": "temporary_storage_full"},
+        )
+        text = f"Insufficient system storage; please try again later. Reference {reference}."
+        await self._send(p.reply_code(452, "4.3.1", [text]))
+        self.server.decided(
+            Decision(
+                reference,
+                "tempfail",
+                0.0,
+                envelope.queue_id,
+                state.size,
+                len(state.rcpts),
+                error="temporary storage full",
             )
         )
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import miltertest
 import pytest
@@ -18,6 +20,7 @@ from milter.engine import Scan
 from milter.envelope import Envelope
 from milter.policy.loader import Rules
 from milter.server import Decision, MilterServer, ServerLimits, bind, parse_address, reply_lines
+from tests.conftest import fill_disk
 from tests.mail import build
 
 
@@ -460,3 +463,35 @@ def test_parse_address(spec: str, parsed: tuple[str, object]) -> None:
 def test_parse_address_errors(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_address(spec)
+
+
+def test_a_full_disk_for_temporary_files_answers_452_and_later_mail_goes_through(
+    rules: Rules, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bodies over spool_threshold go to a temporary file, here on a disk with 64 KiB left.
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    filler = fill_disk(small_disk, 64 * 1024)
+    server = Running(rules, ServerLimits(spool_threshold=16_000))
+    staff, colleague = "j.hughes@redborne.example", "a.patel@redborne.example"
+    big = build(staff, colleague, "Minutes", "Minutes of the meeting.\n" * 12000)  # ~290 KB
+    try:
+        with server.connect() as sock:
+            conn = negotiate(sock)
+            kind, data = converse(conn, big, staff, [colleague])[-1]
+            # The MTA keeps the message and retries; the reply says why and names a reference.
+            assert kind == mc.SMFIR_REPLYCODE
+            assert "452" in str(data) and "4.3.1 Insufficient system storage" in str(data), data
+            decision = server.decision(1)
+            assert decision.action == "tempfail" and decision.error == "temporary storage full"
+            assert decision.reference in str(data)
+            # The same connection goes on: a small message fits in memory and is scanned.
+            replies = converse(conn, build(staff, colleague, "Rota", "Cover."), staff, [colleague])
+            assert replies[-1][0] == mc.SMFIR_CONTINUE
+        assert list(small_disk.iterdir()) == [filler], "no temporary file left behind"
+        filler.unlink()
+        with server.connect() as sock:
+            conn = negotiate(sock)
+            assert converse(conn, big, staff, [colleague])[-1][0] == mc.SMFIR_CONTINUE
+        assert server.decision(3).action == "accept"
+    finally:
+        server.close()

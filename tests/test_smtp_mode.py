@@ -45,6 +45,7 @@ from milter.smtp_mode import (
 from milter.smtp_tls import TlsSetupError, relay_tls_context, server_tls_context
 from milter.store import Store
 from milter.verdict import Verdict
+from tests.conftest import fill_disk
 from tests.mail import build
 from tests.tls_certs import ServerCert, TestCA
 
@@ -971,31 +972,10 @@ def test_the_authenticated_user_comes_from_aiosmtpd_auth_data() -> None:
 # --- a full disk ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real filesystem of 512 KiB (tmpfs), so the spool can really fill up."""
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
 def test_a_full_spool_disk_answers_452_and_keeps_nothing_half_written(rules: Rules, small_disk: Path) -> None:
     gateway = Running(rules, small_disk / "spool")
     try:
-        filler = small_disk / "filler"
-        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-        filler.write_bytes(b"\0" * (free - 64 * 1024))  # 64 KiB left
+        filler = fill_disk(small_disk, 64 * 1024)
         big = build(STAFF, STAFF2, "Minutes", "Minutes of the meeting.\n" * 8000)  # ~190 KB
         code, reply = gateway.send(big, STAFF, [STAFF2])
         # Nothing was taken: the client keeps the message and tries again later.
