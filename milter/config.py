@@ -40,6 +40,9 @@ class Settings(BaseModel):
     # host is an address or an alias the certificate does not name. Empty: the next_hop host.
     next_hop_tls_name: str = ""
     spool: Path = Path("var/spool")
+    # SMTP mode answers MAIL with 452 while the spool's disk has less free space than this
+    # plus the size the client declares; 0 to check nothing before the message is written.
+    spool_min_free: int = Field(default=20_000_000, ge=0)
     # The quarantine store (SQLAlchemy URL): SQLite by default, or
     # postgresql+psycopg://user:password@host/dbname shared by several daemons and hosts.
     # Empty: no store; quarantined mail goes to the MTA's hold queue instead.

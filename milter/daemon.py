@@ -287,6 +287,7 @@ async def _run_worker(
                 next_hop_host=hop_host,
                 next_hop_port=hop_port,
                 spool_dir=settings.spool,
+                spool_min_free=settings.spool_min_free,
                 max_message_bytes=settings.max_message_bytes,
                 max_connections=settings.max_connections,
                 timeout_seconds=settings.idle_timeout,

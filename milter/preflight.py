@@ -13,6 +13,7 @@ Each line is `ok`, `warning` (the gateway runs, but an operator should know) or
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,10 +134,18 @@ def _spool(settings: Settings, report: _Report) -> None:
     existing = next((p for p in (spool, *spool.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         report.problem("SMTP mode spool", f"{spool}: no directory to make it in")
-    elif existing == spool:
-        report.ok("SMTP mode spool", str(spool))
+        return
+    stats = os.statvfs(existing)
+    free = stats.f_bavail * stats.f_frsize
+    where = str(spool) if existing == spool else f"{spool} (made at start)"
+    if free < settings.spool_min_free:
+        report.warning(
+            "SMTP mode spool",
+            f"{where}: {free // 1_000_000} MB free, under spool_min_free "
+            f"({settings.spool_min_free // 1_000_000} MB): MAIL is answered 452 until there is room",
+        )
     else:
-        report.ok("SMTP mode spool", f"{spool} (made at start)")
+        report.ok("SMTP mode spool", f"{where}, {free // 1_000_000} MB free")
 
 
 def _store(settings: Settings, report: _Report) -> None:

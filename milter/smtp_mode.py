@@ -119,6 +119,10 @@ class SmtpModeConfig:
     # Clients whose XFORWARD (the real client behind Postfix) is believed. Whoever may
     # send it chooses the client address the rules see, so only the MTA in front of us.
     xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Free space the spool keeps: MAIL is answered 452 when the disk has less than this
+    # plus the size the client declares (SIZE=), so a client is turned away before it sends
+    # its message rather than after (Postfix's queue_minfree). 0: only a write that fails.
+    spool_min_free: int = 20_000_000
     # How long stop() waits for messages being scanned or relayed before cutting them off.
     stop_grace_seconds: float = 30.0
     # Name in the banner and EHLO, and to the next hop; None: the host's name, looked up once.
@@ -263,6 +267,14 @@ class Spool:
     @staticmethod
     def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        """Space left for messages on the spool's disk (what an unprivileged user may use)."""
+        try:
+            stats = os.statvfs(self.root)
+        except OSError:
+            return 0
+        return stats.f_bavail * stats.f_frsize
 
 
 def _handler_alive(path: Path) -> bool:
@@ -490,6 +502,7 @@ class SmtpGateway:
         self._idle: asyncio.Event | None = None
         self._prefix = _FALLBACK_PREFIX
         self._warned_no_xforward = False
+        self._spool_low_logged = -3600.0
 
     def _follow_up(self, result: Scan, held_id: str | None) -> None:
         """Guidance and alerts, queued in the background; the outbox sends them."""
@@ -681,6 +694,32 @@ class SmtpGateway:
         if server.xforward_allowed():
             responses.insert(len(responses) - 1, "250-XFORWARD " + " ".join(_XFORWARD_ATTRIBUTES))
         return responses
+
+    async def handle_MAIL(
+        self,
+        server: _GatewaySMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        declared = next((o[5:] for o in mail_options if o.startswith("SIZE=") and o[5:].isdigit()), "0")
+        needed = self.config.spool_min_free + int(declared)
+        if needed and self.spool.free_bytes() < needed:
+            now = time.monotonic()
+            if now - self._spool_low_logged > 60:  # once a minute, not once per client
+                self._spool_low_logged = now
+                log.warning(
+                    "the spool %s has less than %d bytes free: MAIL is answered 452 until there is room",
+                    self.spool.root,
+                    needed,
+                    extra={"event": "spool_low"},
+                )
+            return "452 4.3.1 Insufficient system storage; please try again later"
+        # With this hook aiosmtpd leaves recording the sender to us.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):

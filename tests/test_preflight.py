@@ -60,7 +60,9 @@ def test_a_good_setup_is_ready(
     assert any(line.startswith(f"ok       rules {rules_copy}: ") and "action rules" in line for line in lines)
     assert "ok       milter: inet:127.0.0.1:8894, 4 worker(s)" in lines
     assert any(line.startswith(f"ok       SMTP mode TLS: {cert.cert} expires on ") for line in lines), lines
-    assert f"ok       SMTP mode spool: {tmp_path}/spool (made at start)" in lines
+    assert any(
+        line.startswith(f"ok       SMTP mode spool: {tmp_path}/spool (made at start), ") for line in lines
+    )
     assert f"ok       quarantine store {database}: schema {migrate.head()}, current" in lines
     assert any(line.startswith(f"ok       clamd {clamd.unix_address}: ClamAV ") for line in lines), lines
     assert not any(line.startswith("problem") for line in lines)
@@ -143,3 +145,14 @@ def test_a_store_that_cannot_be_opened_is_a_problem_without_its_password(
         "problem  quarantine store postgresql+psycopg://gateway:***@127.0.0.1:1/school_milter: "
     )
     assert "s3cret" not in "\n".join(lines)
+
+
+def test_a_spool_disk_under_spool_min_free_is_a_warning(
+    tmp_path: Path, rules_copy: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nsmtp = "127.0.0.1:10025"\nspool = "{small_disk}"\ndatabase = ""\n')
+    code, lines = check(capsys, rules_copy, config)
+    assert code == 0
+    spool_line = f"warning  SMTP mode spool: {small_disk}: 0 MB free, under spool_min_free (20 MB): "
+    assert f"{spool_line}MAIL is answered 452 until there is room" in lines

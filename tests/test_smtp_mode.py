@@ -973,7 +973,8 @@ def test_the_authenticated_user_comes_from_aiosmtpd_auth_data() -> None:
 
 
 def test_a_full_spool_disk_answers_452_and_keeps_nothing_half_written(rules: Rules, small_disk: Path) -> None:
-    gateway = Running(rules, small_disk / "spool")
+    # No free-space check at MAIL: the write itself meets the full disk.
+    gateway = Running(rules, small_disk / "spool", spool_min_free=0)
     try:
         filler = fill_disk(small_disk, 64 * 1024)
         big = build(STAFF, STAFF2, "Minutes", "Minutes of the meeting.\n" * 8000)  # ~190 KB
@@ -991,5 +992,25 @@ def test_a_full_spool_disk_answers_452_and_keeps_nothing_half_written(rules: Rul
         assert code == 250, reply
         subjects = [re.search(rb"^Subject: (.*)$", data, re.M) for _, _, data in gateway.next_hop.received]
         assert [m.group(1).strip() for m in subjects if m] == [b"Rota", b"Minutes"]
+    finally:
+        gateway.close()
+
+
+def test_mail_is_turned_away_at_mail_from_while_the_spool_is_low(rules: Rules, small_disk: Path) -> None:
+    gateway = Running(rules, small_disk / "spool", spool_min_free=100_000)
+    try:
+        filler = fill_disk(small_disk, 160_000)
+        with gateway.client() as client:
+            # A client that declares 100 KB would leave less than spool_min_free: not now.
+            code, text = client.mail(STAFF, ["SIZE=100000"])
+            assert (code, text) == (452, b"4.3.1 Insufficient system storage; please try again later")
+            # One that declares little (or nothing) still fits and is delivered.
+            assert transaction(client, build(STAFF, STAFF2, "Rota", "Cover."), STAFF, [STAFF2])[0] == 250
+        filler.unlink()
+        fill_disk(small_disk, 50_000)
+        with gateway.client() as client:
+            assert client.mail(STAFF)[0] == 452
+        assert [r for r in gateway.next_hop.received if b"Subject: Rota" in r[2]]
+        assert gateway.files("incoming") == []
     finally:
         gateway.close()
