@@ -2,7 +2,8 @@
 
 A `Lexicon` holds `Term`s (loaded from rules/lexicon/obscene.tsv) and allowlisted words and
 phrases (rules/lexicon/allowlist.txt and the generated allowlist-generated.txt). It builds two
-Aho-Corasick automata once, in `__init__`:
+Aho-Corasick automata once, in `__init__` (ahocorasick_rs: the Rust aho-corasick crate, about
+five times faster on a newsletter than pyahocorasick, which this used before):
 
 - terms: whole-word terms are keyed with a space either side (" ass "), so they only match whole
   tokens of the space-padded streams; the few unambiguous stems marked `substring` in the TSV
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import ahocorasick
+import ahocorasick_rs
 
 from milter.errors import Problem, RulesError
 from milter.findings import Severity
@@ -102,14 +103,16 @@ class Lexicon:
         self.terms: tuple[Term, ...] = tuple(sorted(merged.values(), key=lambda t: t.text))
         self._texts = [t.text for t in self.terms]  # sorted: prefix counts by bisect (see _rank)
 
-        self._automaton = ahocorasick.Automaton()
+        # What each automaton pattern stands for: (term index, whole word).
+        self._patterns: list[tuple[int, bool]] = []
+        keys: list[str] = []
         # Indexes used to resolve disguised single words (masked, stretched) by shape.
         self._by_squeezed: dict[str, int] = {}
         self._by_shape: dict[tuple[int, str], list[int]] = {}
         self._stems = [i for i, t in enumerate(self.terms) if not t.whole_word]
         for index, term in enumerate(self.terms):
-            key = term.text if not term.whole_word else f" {term.text} "
-            self._automaton.add_word(key, (len(key), index, term.whole_word))
+            keys.append(term.text if not term.whole_word else f" {term.text} ")
+            self._patterns.append((index, term.whole_word))
             if " " in term.text:
                 continue
             squeezed = squeeze(term.text)
@@ -120,17 +123,14 @@ class Lexicon:
         self._squeezed_stems = [(squeeze(self.terms[i].text), i) for i in self._stems]
         self._mask_cache: dict[str, int | None] = {}
         self._has_terms = bool(self.terms)
-        if self._has_terms:
-            self._automaton.make_automaton()
+        # Standard match kind: every match, overlapping ones included ("fuck" in "motherfucker").
+        self._automaton = ahocorasick_rs.AhoCorasick(keys, matchkind=ahocorasick_rs.MatchKind.Standard)
 
-        self._allow = ahocorasick.Automaton()
         self.allow: tuple[str, ...] = tuple(sorted({e for e in map(normalize_term, allow) if e}))
-        for entry in self.allow:
-            key = f" {entry} "
-            self._allow.add_word(key, len(key))
+        self._allow = ahocorasick_rs.AhoCorasick(
+            [f" {entry} " for entry in self.allow], matchkind=ahocorasick_rs.MatchKind.Standard
+        )
         self._has_allow = bool(self.allow)
-        if self._has_allow:
-            self._allow.make_automaton()
 
     # --- public -------------------------------------------------------------------------------
 
@@ -217,11 +217,12 @@ class Lexicon:
         if not self._has_terms:
             return []
         matches: list[_Match] = []
-        for last, (length, index, whole_word) in self._automaton.iter(stream):
+        patterns = self._patterns
+        for pattern, start, end in self._automaton.find_matches_as_indexes(stream, overlapping=True):
+            index, whole_word = patterns[pattern]
             if whole_word:
-                matches.append((last - length + 2, last, index))  # drop the padding spaces
+                matches.append((start + 1, end - 1, index))  # drop the padding spaces
                 continue
-            start, end = last - length + 1, last + 1
             token = stream[stream.rfind(" ", 0, start) + 1 : stream.find(" ", end)]
             if len(token) <= MAX_STEM_TOKEN and token.isalpha():
                 matches.append((start, end, index))
@@ -231,7 +232,10 @@ class Lexicon:
         """Drop matches lying inside an allowlisted word or phrase."""
         if not matches or not self._has_allow:
             return matches
-        covers = sorted((last - length + 2, last) for last, length in self._allow.iter(stream))
+        covers = sorted(
+            (start + 1, end - 1)
+            for _, start, end in self._allow.find_matches_as_indexes(stream, overlapping=True)
+        )
         if not covers:
             return matches
         # Sweep by start: a match is covered when some cover starting at or before it ends at or after it.

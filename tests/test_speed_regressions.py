@@ -532,3 +532,93 @@ def test_a_scan_reuses_no_text_normalised_for_an_earlier_message(rules: Rules) -
     # only its own detectors sharing texts, as the first's were; none came from the first.
     assert second.hits >= 1, "detectors of one message share the normalised body"
     assert (second.hits, second.misses) == (first.hits, first.misses)
+
+
+# --- lexicon and advertising: the Rust Aho-Corasick automaton against str.find --------------------
+
+
+def every_occurrence(patterns: list[str], text: str) -> set[tuple[int, int, int]]:
+    """(pattern index, start, end) of every occurrence of every pattern, overlapping ones included."""
+    found = set()
+    for index, pattern in enumerate(patterns):
+        at = text.find(pattern)
+        while at >= 0:
+            found.add((index, at, at + len(pattern)))
+            at = text.find(pattern, at + 1)
+    return found
+
+
+def lexicon_streams(rules: Rules, count: int) -> list[str]:
+    """Space-padded streams of lexicon terms, allowlisted words, ordinary words, stems inside
+    longer words and non-ASCII letters, as normalize produces them (and some it would not)."""
+    rng = random.Random(7)
+    terms = [t.text for t in rules.obscene.terms]
+    allowed = list(rules.obscene.allow)
+    ordinary = ["the", "trip", "is", "on", "scunthorpe", "cocktail", "class", "é", "naïve", "ssh", "a"]
+    streams = []
+    for _ in range(count):
+        words = []
+        for _ in range(rng.randint(0, 40)):
+            pick = rng.random()
+            source = terms if pick < 0.3 else allowed if pick < 0.5 else ordinary
+            word = rng.choice(source)
+            if rng.random() < 0.1:
+                word = rng.choice(ordinary) + word + rng.choice(["", "ing", "er", "1"])
+            words.append(word)
+        streams.append(f" {' '.join(words)} ")
+    return streams
+
+
+def test_lexicon_automata_find_every_occurrence_as_str_find_does(rules: Rules) -> None:
+    lexicon = rules.obscene
+    keys = [
+        f" {lexicon.terms[i].text} " if whole else lexicon.terms[i].text for i, whole in lexicon._patterns
+    ]
+    allow_keys = [f" {entry} " for entry in lexicon.allow]
+    hits = 0
+    for stream in lexicon_streams(rules, 300):
+        found = lexicon._automaton.find_matches_as_indexes(stream, overlapping=True)
+        assert set(found) == every_occurrence(keys, stream)
+        assert len(found) == len(set(found))
+        hits += len(found)
+        allowed = lexicon._allow.find_matches_as_indexes(stream, overlapping=True)
+        assert set(allowed) == every_occurrence(allow_keys, stream)
+    assert hits > 1000, "the streams hold many terms"
+
+
+def test_lexicon_scan_keeps_whole_words_and_stems_inside_letters_only(rules: Rules) -> None:
+    lexicon = rules.obscene
+    for stream in lexicon_streams(rules, 200):
+        expected = set()
+        for term_index, term in enumerate(lexicon.terms):
+            key = f" {term.text} " if term.whole_word else term.text
+            for _, start, end in every_occurrence([key], stream):
+                if term.whole_word:
+                    expected.add((start + 1, end - 1, term_index))
+                    continue
+                token = stream[stream.rfind(" ", 0, start) + 1 : stream.find(" ", end)]
+                if len(token) <= 32 and token.isalpha():
+                    expected.add((start, end, term_index))
+        assert set(lexicon._scan(stream)) == expected
+
+
+def test_advertising_phrases_found_as_a_plain_search_finds_them(rules: Rules) -> None:
+    phrases = rules.advertising
+    rng = random.Random(11)
+    words = [*phrases.weights, "the", "school", "trip", "sale", "now", "off", "%", "buy", "x"]
+    for _ in range(300):
+        text = " ".join(
+            rng.choice(words) + rng.choice(["", "", "s", ".", "\n"]) for _ in range(rng.randint(0, 30))
+        )
+        flat = text.lower().replace("\n", " ")
+        expected = {}
+        for index, start, end in sorted(
+            every_occurrence(list(phrases.weights), flat), key=lambda m: (m[2], m[0])
+        ):
+            phrase = list(phrases.weights)[index]
+            if phrase[0].isalnum() and start > 0 and flat[start - 1].isalnum():
+                continue
+            if phrase[-1].isalnum() and end < len(flat) and flat[end].isalnum():
+                continue
+            expected[phrase] = None
+        assert set(phrases.found(text)) == set(expected)

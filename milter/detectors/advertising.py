@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ahocorasick
+import ahocorasick_rs
 
 from milter.errors import Problem, RulesError
 from milter.findings import Finding, Severity
@@ -42,11 +42,10 @@ class AdvertisingPhrases:
 
     def __init__(self, phrases: list[AdvertisingPhrase]) -> None:
         self.weights = {p.phrase: p.weight for p in phrases}
-        self._automaton = ahocorasick.Automaton()
-        for phrase in self.weights:
-            self._automaton.add_word(phrase, phrase)
-        if self.weights:
-            self._automaton.make_automaton()
+        self._phrases = list(self.weights)
+        self._automaton = ahocorasick_rs.AhoCorasick(
+            self._phrases, matchkind=ahocorasick_rs.MatchKind.Standard
+        )
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -62,11 +61,11 @@ class AdvertisingPhrases:
         # Visible text is already whitespace-collapsed within lines; lines join with a space.
         flat = text.lower().replace("\n", " ")
         seen: dict[str, None] = {}
-        for end, phrase in self._automaton.iter(flat):
-            start = end - len(phrase) + 1
+        for pattern, start, end in self._automaton.find_matches_as_indexes(flat, overlapping=True):
+            phrase = self._phrases[pattern]
             if phrase[0].isalnum() and start > 0 and flat[start - 1].isalnum():
                 continue
-            if phrase[-1].isalnum() and end + 1 < len(flat) and flat[end + 1].isalnum():
+            if phrase[-1].isalnum() and end < len(flat) and flat[end].isalnum():
                 continue
             seen[phrase] = None
         return list(seen)
