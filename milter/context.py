@@ -59,8 +59,9 @@ def derive_context(envelope: Envelope, message: Message, rules: Rules) -> Contex
     recipients = tuple(r.lower() for r in envelope.rcpt_to) or tuple(message.header_recipients)
     trusted = bool(envelope.auth_user) or trusted_client(envelope.client_address, rules)
     # With no wire facts at all (a `scan` of a file), the sender's address is taken at its
-    # word, so a school can ask "what would happen if this staff member sent this?".
-    no_wire_facts = envelope.client_address is None and envelope.auth_user is None
+    # word, so a school can ask "what would happen if this staff member sent this?". Mail
+    # from an MTA whose client address it did not say (a local socket, [UNAVAILABLE]) is not.
+    no_wire_facts = not envelope.from_wire and envelope.client_address is None and envelope.auth_user is None
     from_school = trusted or (no_wire_facts and is_local(sender, rules))
     if from_school:
         login = envelope.auth_user if envelope.auth_user and "@" in envelope.auth_user else sender

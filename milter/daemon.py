@@ -34,6 +34,7 @@ from milter.tally import Tally
 
 if TYPE_CHECKING:
     from milter.followup import FollowUp
+    from milter.lists import ListsSource
 
     # Imported for real only once the process knows whether metrics are shared between
     # workers: prometheus_client picks its value store when it is first imported.
@@ -164,18 +165,24 @@ def _limits(settings: Settings) -> ServerLimits:
     )
 
 
-def _open_followup(settings: Settings) -> FollowUp | None:
-    """The quarantine store and what goes with it, for one process (engines are not shared across fork)."""
+def _open_followup(settings: Settings) -> tuple[FollowUp | None, ListsSource | None]:
+    """The quarantine store and what goes with it, and the block lists read from it, for one
+    process (engines are not shared across fork)."""
     if not settings.database:
-        return None
+        return None, None
     from milter import lists
     from milter.followup import FollowUp
     from milter.store import Store
 
     store = Store(settings.database, upgrade=False)
-    lists.install(lists.ListsSource(store.list_version, store.lists, settings.lists_refresh).current)
+    # Refreshed by _refresh_lists off the event loop; read without I/O by every scan.
+    source = lists.ListsSource(
+        store.list_version, store.lists, settings.lists_refresh, refreshed_elsewhere=True
+    )
+    source.refresh()
+    lists.install(source.current)
     relay = host_port(settings.reinject) if settings.reinject else None
-    return FollowUp(store, relay, console_url=settings.console_url or None)
+    return FollowUp(store, relay, console_url=settings.console_url or None), source
 
 
 async def _pause(events: list[asyncio.Event], seconds: float) -> None:
@@ -186,6 +193,23 @@ async def _pause(events: list[asyncio.Event], seconds: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def _refresh_lists(source: ListsSource, stop: asyncio.Event, interval: float) -> None:
+    """Block and allow lists from the store every `interval` seconds, in a pool thread: a scan
+    reads the last snapshot and never waits on the database."""
+    loop = asyncio.get_running_loop()
+    failing = False
+    while not stop.is_set():
+        await _pause([stop], max(interval, 0.1))
+        try:
+            await loop.run_in_executor(None, source.refresh)
+        except Exception as exc:
+            if not failing:  # once per outage, not once a second
+                log.warning("could not read the block lists (keeping the last ones): %s", type(exc).__name__)
+            failing = True
+        else:
+            failing = False
 
 
 async def _flush_tally(tally: Tally, followup: FollowUp, stop: asyncio.Event, interval: float = 60.0) -> None:
@@ -230,7 +254,7 @@ async def _run_worker(
     from milter.metrics import Metrics
 
     metrics = Metrics()
-    followup = _open_followup(settings)
+    followup, lists_source = _open_followup(settings)
     on_change = None
     if followup is not None and primary:
         store = followup.store
@@ -264,7 +288,9 @@ async def _run_worker(
             holder.get, _limits(settings), on_decision=on_decision, followup=followup
         )
         await milter_server.start(milter_sock)
-    outbox_task = tally_task = None
+    outbox_task = tally_task = lists_task = None
+    if lists_source is not None:
+        lists_task = asyncio.create_task(_refresh_lists(lists_source, stop, settings.lists_refresh))
     if followup is not None and tally is not None:
         tally_task = asyncio.create_task(_flush_tally(tally, followup, stop))
         wake = asyncio.Event()
@@ -324,7 +350,7 @@ async def _run_worker(
         await milter_server.stop(settings.shutdown_grace)
     if smtp_gateway:
         await smtp_gateway.stop()
-    background = [t for t in (outbox_task, tally_task) if t]
+    background = [t for t in (outbox_task, tally_task, lists_task) if t]
     if background:
         # They see `stop` and end after their current round (a last count flush included).
         _done, pending = await asyncio.wait(background, timeout=15)

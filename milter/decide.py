@@ -121,6 +121,7 @@ def decide(
         clauses=clauses,
         reply=reply,
         headers=tuple(headers),
+        result_header_names=(policy.headers.verdict, policy.headers.findings),
         subject_prefix=prefixes[0] if prefixes else None,
         guidance=guidance,
         alerts=_unique(role for _, r in matched for role in r.alert),

@@ -1,9 +1,16 @@
-"""The scanning engine: raw message + envelope -> Verdict. The milter, SMTP mode and `scan` all call it."""
+"""The scanning engine: raw message + envelope -> Verdict. The milter, SMTP mode and `scan` all call it.
+
+`scan` does everything in the calling thread. The milter daemon scans small mail on its
+event loop's thread, where nothing may wait on another process: it calls `examine` with
+the virus scan left out, asks clamd itself without blocking, then `conclude`s.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from milter.context import Context, derive_context
 from milter.decide import decide
@@ -25,23 +32,29 @@ class Scan:
     verdict: Verdict
 
 
-def run_detectors(message: Message, ctx: Context, rules: Rules) -> tuple[list[Finding], list[str]]:
-    """All enabled detectors; one that raises is recorded as a failed check, never a lost message."""
-    findings: list[Finding] = []
-    failed: list[str] = []
-    for name, check in active(rules):
+@dataclass
+class Examination:
+    """A message with the findings of the detectors run so far, before the decision."""
+
+    message: Message
+    context: Context
+    findings: list[Finding] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def record(self, name: str, check: Callable[[], list[Finding]]) -> None:
+        """One detector's findings; one that raises is a failed check, never a lost message."""
         try:
-            findings.extend(check(message, ctx, rules))
+            self.findings.extend(check())
         except Exception as exc:
             # Only the exception type: its text may quote message content.
             log.error(
                 "detector %s failed: %s", name, type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG)
             )
-            failed.append(name)
-    return findings, failed
+            self.failed.append(name)
 
 
-def scan(raw: bytes, envelope: Envelope, rules: Rules, reference: str | None = None) -> Scan:
+def examine(raw: bytes, envelope: Envelope, rules: Rules, skip: frozenset[str] = frozenset()) -> Examination:
+    """Parse the message and run every enabled detector but those in `skip`."""
     # Each message pays for its own text normalisation (see normalize_cached). Another
     # thread's scan may lose its shared copies too: a recomputation, never a wrong result.
     normalize_cached.cache_clear()
@@ -51,5 +64,19 @@ def scan(raw: bytes, envelope: Envelope, rules: Rules, reference: str | None = N
     except Exception as exc:  # pragma: no cover - derive_context is defensive; this is the last guard
         log.error("context failed: %s", type(exc).__name__)
         raise
-    findings, failed = run_detectors(message, ctx, rules)
-    return Scan(message, ctx, decide(findings, ctx, rules, failed, reference))
+    exam = Examination(message, ctx)
+    for name, check in active(rules):
+        if name not in skip:
+            exam.record(name, functools.partial(check, message, ctx, rules))
+    return exam
+
+
+def conclude(exam: Examination, rules: Rules, reference: str | None = None) -> Scan:
+    """The verdict on what the detectors found."""
+    return Scan(
+        exam.message, exam.context, decide(exam.findings, exam.context, rules, exam.failed, reference)
+    )
+
+
+def scan(raw: bytes, envelope: Envelope, rules: Rules, reference: str | None = None) -> Scan:
+    return conclude(examine(raw, envelope, rules), rules, reference)

@@ -17,3 +17,7 @@ class Envelope:
     auth_user: str | None = None
     queue_id: str | None = None
     macros: dict[str, str] = field(default_factory=dict)
+    # The message came over the wire (milter or SMTP mode), not from a file given to `scan`.
+    # A client address missing then means unknown, so it is not trusted; only a `scan` of a
+    # file takes the sender's address at its word.
+    from_wire: bool = False

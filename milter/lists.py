@@ -2,7 +2,9 @@
 
 Approved entries apply to the next message without a restart: the daemon installs a
 source (the store) and each scan asks for the current snapshot, which is re-read from
-the store only when the store's list version has changed.
+the store only when the store's list version has changed. In the daemon a background
+task does the asking (`refresh`), so a scan never waits on the database: a slow or
+unreachable store delays new entries, never mail.
 """
 
 from __future__ import annotations
@@ -34,24 +36,38 @@ EMPTY = Lists()
 class ListsSource:
     """Caches the store's lists; asks the store for its version at most every `interval` seconds."""
 
-    def __init__(self, version: Callable[[], int], load: Callable[[], Lists], interval: float = 0.0) -> None:
+    def __init__(
+        self,
+        version: Callable[[], int],
+        load: Callable[[], Lists],
+        interval: float = 0.0,
+        *,
+        refreshed_elsewhere: bool = False,
+    ) -> None:
         self._version = version
         self._load = load
         self.interval = interval
+        # True: `current` only reads the snapshot; someone calls `refresh` every interval.
+        self.refreshed_elsewhere = refreshed_elsewhere
         self._lists = EMPTY
         self._checked = 0.0
         self._lock = threading.Lock()
 
-    def current(self) -> Lists:
-        now = time.monotonic()
-        if self.interval and now - self._checked < self.interval:
-            return self._lists
+    def refresh(self) -> Lists:
+        """Ask the store for its list version; re-read the lists if they changed."""
         with self._lock:
             version = self._version()
             if version != self._lists.version:
                 self._lists = self._load()
-            self._checked = now
+            self._checked = time.monotonic()
             return self._lists
+
+    def current(self) -> Lists:
+        if self.refreshed_elsewhere:
+            return self._lists
+        if self.interval and time.monotonic() - self._checked < self.interval:
+            return self._lists
+        return self.refresh()
 
 
 _source: Callable[[], Lists] | None = None

@@ -48,7 +48,7 @@ def modifications(verdict: Verdict, message: Message) -> list[Modification]:
         return []
     changes: list[Modification] = []
     # A sender may forge our result headers; only the gateway's own may reach the reader.
-    for name in dict.fromkeys(name for name, _ in verdict.headers):
+    for name in dict.fromkeys([*verdict.result_header_names, *(name for name, _ in verdict.headers)]):
         for index in range(len(message.headers(name)), 0, -1):
             changes.append(ChangeHeader(name, index, None))
     changes.extend(AddHeader(name, value) for name, value in verdict.headers)

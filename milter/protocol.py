@@ -153,7 +153,7 @@ class UnknownSmtpCommand:
 
 @dataclass(frozen=True)
 class UnrecognisedPacket:
-    """A command letter this codec does not know: answered with continue, never fatal."""
+    """A command letter this codec does not know (the server closes the connection)."""
 
     code: bytes
     data: bytes
@@ -256,8 +256,13 @@ class Decoder:
 
     max_packet: int = DEFAULT_MAX_PACKET
     _buffer: bytearray = field(default_factory=bytearray)
+    # A fault found after complete commands in the same read: those are returned first
+    # (an end of message among them still gets its answer), the fault is raised after.
+    failed: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[Command]:
+        if self.failed is not None:
+            raise self.failed
         if self._buffer:
             self._buffer += data
             data = bytes(self._buffer)
@@ -268,10 +273,16 @@ class Decoder:
         position, end = 0, len(data)
         while end - position >= 4:
             (length,) = _LENGTH.unpack_from(data, position)
+            fault = None
             if length < 1:
-                raise ProtocolError("zero-length packet")
-            if length > self.max_packet:
-                raise ProtocolError(f"packet of {length} bytes exceeds the {self.max_packet}-byte limit")
+                fault = ProtocolError("zero-length packet")
+            elif length > self.max_packet:
+                fault = ProtocolError(f"packet of {length} bytes exceeds the {self.max_packet}-byte limit")
+            if fault is not None:
+                if not commands:
+                    raise fault
+                self.failed = fault
+                return commands
             stop = position + 4 + length
             if stop > end:
                 break

@@ -17,13 +17,15 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from milter import protocol as p
+from milter.clamd import ClamdResult, ClamdUnavailable
 from milter.decide import TEMPFAIL_TEXT
-from milter.engine import Scan, scan
+from milter.detectors import virus_scan
+from milter.engine import Scan, conclude, examine, scan
 from milter.envelope import Envelope
 from milter.followup import FollowUp, is_report
 from milter.modify import AddHeader, ChangeHeader, modifications
@@ -63,6 +65,12 @@ WANTED_MACROS = {
     p.STAGE_EOM: ["i"],
 }
 SKIPPED_WITH_MACROS = p.NO_CONNECT
+# Detectors that wait on another process: on the loop they are awaited, not called.
+ON_LOOP = frozenset({virus_scan.NAME})
+# Macro stages in protocol order; those from MAIL on belong to one message (as libmilter
+# clears them) and are forgotten after its end or abort.
+MACRO_STAGE_ORDER = ("C", "H", "M", "R", "T", "L", "N", "B", "E", "U")
+MESSAGE_STAGES = ("M", "R", "T", "L", "N", "B", "E")
 NO_REPLY_FLAG: dict[type, int] = {
     p.Connect: p.NR_CONNECT,
     p.Helo: p.NR_HELO,
@@ -93,6 +101,9 @@ class ServerLimits:
     progress_interval: float = 10.0
     max_packet: int = p.DEFAULT_MAX_PACKET
     max_message_bytes: int = 100_000_000
+    # Header fields per message: each costs far more memory than its bytes, so a message of
+    # a million tiny headers must not be held whole. Real mail has tens.
+    max_headers: int = 10_000
     # Bodies larger than this are kept in a temporary file instead of memory.
     spool_threshold: int = 4_000_000
     # Messages up to this size are scanned on the event loop's own thread.
@@ -124,6 +135,7 @@ class _MessageState:
     body: tempfile.SpooledTemporaryFile[bytes] | None = None
     size: int = 0
     too_large: bool = False
+    too_many_headers: bool = False
     # The body could not be kept (the temporary files' disk is full): errno's name.
     storage_error: str | None = None
 
@@ -153,7 +165,10 @@ class MilterSession:
         self._reset_connection()
 
     def _reset_connection(self) -> None:
-        self.macros: dict[str, str] = {}
+        # Macros by the stage they came with ("C", "M", "E", ...): those of the message's
+        # stages end with the message, so an aborted message's queue id or client address
+        # never carries over to the next one.
+        self.stage_macros: dict[str, dict[str, str]] = {}
         self.client_address: str | None = None
         self.client_name: str | None = None
         self.helo: str | None = None
@@ -164,6 +179,22 @@ class MilterSession:
         if state is not None and state.body is not None:
             state.body.close()
         self.message = _MessageState()
+
+    def _end_message(self) -> None:
+        """After end of message or abort: the message's state and its stages' macros go."""
+        self._reset_message()
+        for stage in MESSAGE_STAGES:
+            self.stage_macros.pop(stage, None)
+
+    @property
+    def macros(self) -> dict[str, str]:
+        """The macros in force, later stages over earlier ones."""
+        merged: dict[str, str] = {}
+        for stage in MACRO_STAGE_ORDER:
+            values = self.stage_macros.get(stage)
+            if values:
+                merged.update(values)
+        return merged
 
     def _tcp_socket(self) -> socket.socket | None:
         """The connection's socket when it is TCP (quick ACKs apply), else None."""
@@ -206,8 +237,9 @@ class MilterSession:
             return
         log.info("milter connection stalled (%s timeout): closing", stage)
         self._idle_closed = True
-        # The pending read then sees end of file and run() ends as for a closed connection.
-        self.writer.close()
+        # Aborted, not closed: close() waits to send what is buffered, for ever when the peer
+        # does not read. The pending read or write then fails and run() ends.
+        self.writer.transport.abort()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -241,6 +273,9 @@ class MilterSession:
                 for command in commands:
                     if not await self._handle(command):
                         return
+                if self.decoder.failed is not None:
+                    # The commands before the fault were handled; now the fault ends it.
+                    raise self.decoder.failed
         except p.ProtocolError as exc:
             log.warning("milter protocol error, closing the connection: %s", exc)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -253,7 +288,16 @@ class MilterSession:
 
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
-        await self.writer.drain()
+        if not self.writer.transport.get_write_buffer_size():
+            return  # all of it went to the socket: the usual case, no wait
+        try:
+            # A peer that does not read our answers must not hold the connection for ever.
+            async with asyncio.timeout(self.limits.packet_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            log.info("milter connection not reading our replies (packet timeout): closing")
+            self.writer.transport.abort()
+            raise ConnectionError("the MTA does not read our replies") from None
 
     async def _handle(self, command: p.Command) -> bool:
         """Handle one command; False ends the connection."""
@@ -261,8 +305,15 @@ class MilterSession:
             await self._negotiate(command)
             return True
         if isinstance(command, p.DefineMacros):
-            self.macros.update(command.macros)
+            # One packet a stage; a stage's new macros replace its old ones.
+            self.stage_macros[command.stage] = dict(command.macros)
             return True
+        if isinstance(command, p.UnrecognisedPacket):
+            # As libmilter: a command we do not know may want an answer we cannot give, and
+            # any guess shifts every later answer by one. Closing makes the MTA apply its
+            # milter_default_action (tempfail): the mail waits, it is not lost.
+            log.warning("unknown milter command %r: closing the connection", command.code)
+            return False
         if isinstance(command, p.Connect):
             self.client_name = command.hostname
             self.client_address = command.address if command.family in ("4", "6") else None
@@ -285,18 +336,18 @@ class MilterSession:
                 await self._end_of_message()
             finally:
                 self.in_message = False
-            self._reset_message()
+            self._end_message()
             # Shutting down: this connection has had its answer; the MTA reconnects elsewhere.
             return not self.server.stopping
         elif isinstance(command, p.Abort):
-            self._reset_message()
+            self._end_message()
             return not self.server.stopping
         elif isinstance(command, p.Quit):
             return False
         elif isinstance(command, p.QuitNewConnection):
             self._reset_connection()
             return True
-        # Steps that want a reply unless negotiated away; unknown packets get continue too.
+        # Steps that want a reply unless negotiated away.
         flag = NO_REPLY_FLAG.get(type(command), 0)
         if not (flag and self.protocol & flag):
             await self._send(p.continue_())
@@ -324,8 +375,11 @@ class MilterSession:
         if not self.protocol & p.HEADER_LEADING_SPACE:
             value = b" " + value
         self._count(len(header.name) + len(value) + 3)
-        if not self.message.too_large:
-            self.message.headers.append((header.name, value))
+        state = self.message
+        if len(state.headers) >= self.limits.max_headers:
+            state.too_many_headers = True
+        if not state.too_large and not state.too_many_headers:
+            state.headers.append((header.name, value))
 
     def _add_body(self, data: bytes) -> None:
         self._count(len(data))
@@ -373,6 +427,7 @@ class MilterSession:
             auth_user=macros.get("auth_authen") or None,
             queue_id=macros.get("i"),
             macros=dict(macros),
+            from_wire=True,
         )
 
     async def _end_of_message(self) -> None:
@@ -382,12 +437,11 @@ class MilterSession:
         if state.storage_error:
             await self._storage_full(envelope, state)
             return
-        if state.too_large:
+        if state.too_large or state.too_many_headers:
             reference = new_reference(self.server.rules_provider().policy.reference_prefix)
+            what = "Message too large" if state.too_large else "Too many header lines"
             await self._send(
-                p.reply_code(
-                    552, "5.3.4", [f"Message too large for the school's gateway. Reference {reference}."]
-                )
+                p.reply_code(552, "5.3.4", [f"{what} for the school's gateway. Reference {reference}."])
             )
             self.server.decided(
                 Decision(
@@ -397,7 +451,7 @@ class MilterSession:
                     envelope.queue_id,
                     state.size,
                     len(state.rcpts),
-                    error="too large",
+                    error="too large" if state.too_large else "too many headers",
                 )
             )
             return
@@ -411,17 +465,24 @@ class MilterSession:
             held_id = None
             if followup and result.verdict.action is Action.QUARANTINE:
                 # Durably stored before the MTA is told to drop it; a failure here is a 4xx.
-                held_id = await self._in_executor(followup.hold, raw, envelope, result)
+                held_id = await self._with_keepalives(
+                    self._in_executor(followup.hold, raw, envelope, result), "storing the message"
+                )
         except Exception as exc:
             await self._failed(envelope, exc, time.perf_counter() - started)
             return
-        await self._apply(result, held=held_id is not None)
-        if followup and (result.verdict.alerts or result.verdict.guidance):
+        applied = await self._apply(result, held=held_id is not None)
+        # Only for a verdict carried out: one the MTA is to retry is followed up on its retry.
+        if (
+            followup
+            and applied == result.verdict.action.value
+            and (result.verdict.alerts or result.verdict.guidance)
+        ):
             self.server.follow_up(result, held_id)
         self.server.decided(
             Decision(
                 result.verdict.reference,
-                result.verdict.action.value,
+                applied,
                 time.perf_counter() - started,
                 envelope.queue_id,
                 len(raw),
@@ -454,14 +515,16 @@ class MilterSession:
             )
         )
 
-    async def _in_executor(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
+    def _in_executor(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
 
     async def _take_report(self, followup: FollowUp, raw: bytes, envelope: Envelope, started: float) -> None:
         """A report for the report address (5.7): kept in the store, then dropped, not scanned."""
         rules = self.server.rules_provider()
         reference = new_reference(rules.policy.reference_prefix)
-        taken = await self._in_executor(followup.take_report, raw, envelope, rules, reference)
+        taken = await self._with_keepalives(
+            self._in_executor(followup.take_report, raw, envelope, rules, reference), "storing the report"
+        )
         await self._send(p.discard())
         log.info(
             "report taken",
@@ -486,17 +549,37 @@ class MilterSession:
     async def _scan(self, raw: bytes, envelope: Envelope) -> Scan:
         loop = asyncio.get_running_loop()
         rules = self.server.rules_provider()
-        if len(raw) <= self.limits.inline_scan_bytes:
-            # Small mail scans in a few milliseconds: handing it to a thread and back costs
-            # more than that saves (two wake-ups and GIL hand-offs per message).
-            return self.server.scanner(raw, envelope, rules)
+        if len(raw) <= self.limits.inline_scan_bytes and self.server.scanner is scan:
+            return await self._scan_on_loop(raw, envelope, rules)
         future = loop.run_in_executor(self.server.executor, self.server.scanner, raw, envelope, rules)
+        return await self._with_keepalives(future, "the scan")
+
+    async def _scan_on_loop(self, raw: bytes, envelope: Envelope, rules: Rules) -> Scan:
+        """Small mail scans in a few milliseconds on this thread: handing it to a pool thread
+        and back costs more than that (two wake-ups and GIL hand-offs a message). clamd is
+        asked without blocking, so a stuck clamd holds this message only, within
+        scan_timeout and with keep-alives, and the other connections go on."""
+        exam = examine(raw, envelope, rules, skip=ON_LOOP)
+        if rules.policy.detectors.virus_scan.enabled and virus_scan.wanted(exam.message, rules):
+            answer: ClamdResult | ClamdUnavailable
+            try:
+                answer = await self._with_keepalives(virus_scan.client(rules).ascan(raw), "the virus scan")
+            except ClamdUnavailable as exc:
+                answer = exc
+            exam.record(virus_scan.NAME, lambda: virus_scan.judge(answer, exam.message, rules))
+        return conclude(exam, rules)
+
+    async def _with_keepalives(self, work: Awaitable[T], what: str) -> T:
+        """`work`'s result, sending keep-alives meanwhile so the MTA does not time out; a
+        TimeoutError after scan_timeout (the MTA then hears 451 and keeps the message)."""
+        loop = asyncio.get_running_loop()
+        future = asyncio.ensure_future(work)
         deadline = loop.time() + self.limits.scan_timeout
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 future.cancel()
-                raise TimeoutError(f"scan took longer than {self.limits.scan_timeout:.0f} s")
+                raise TimeoutError(f"{what} took longer than {self.limits.scan_timeout:.0f} s")
             done, _ = await asyncio.wait({future}, timeout=min(self.limits.progress_interval, remaining))
             if done:
                 return future.result()
@@ -535,17 +618,27 @@ class MilterSession:
         """A header value as the MTA expects it: with leading-space negotiated, it is taken verbatim."""
         return " " + value if self.protocol & p.HEADER_LEADING_SPACE and value else value
 
-    async def _apply(self, result: Scan, held: bool = False) -> None:
+    async def _apply(self, result: Scan, held: bool = False) -> str:
+        """Carry out the verdict; the action the MTA was given, for the decision line."""
         verdict = result.verdict
         # Everything for this message in one write: header changes and the final answer.
         replies: list[bytes] = []
+        unapplied = False
         for change in modifications(verdict, result.message):
             if isinstance(change, AddHeader) and self.actions & p.ADD_HEADERS:
                 # On top, where an MTA puts its own trace headers.
                 replies.append(p.insert_header(0, change.name, self._value(change.value)))
             elif isinstance(change, ChangeHeader) and self.actions & p.CHANGE_HEADERS:
                 replies.append(p.change_header(change.name, change.index, self._value(change.value or "")))
+            else:
+                unapplied = True
         action = verdict.action
+        if action is Action.FIX and unapplied:
+            # A fix the MTA does not let us make (parents' addresses left visible) must not
+            # go out unfixed: keep it waiting, as for a quarantine the MTA cannot do.
+            log.warning("MTA cannot change headers; tempfailing the fix of %s instead", verdict.reference)
+            await self._send(p.reply_code(451, "4.7.0", [f"Held for review. Reference {verdict.reference}."]))
+            return Action.TEMPFAIL.value
         if action in (Action.REJECT, Action.TEMPFAIL) and verdict.reply:
             replies.append(
                 p.reply_code(verdict.reply.code, verdict.reply.enhanced, reply_lines(verdict.reply.text))
@@ -563,9 +656,12 @@ class MilterSession:
                 replies.append(
                     p.reply_code(451, "4.7.0", [f"Held for review. Reference {verdict.reference}."])
                 )
+                await self._send(b"".join(replies))
+                return Action.TEMPFAIL.value
         else:
             replies.append(p.continue_())
         await self._send(b"".join(replies))
+        return action.value
 
 
 def _log_failure(future: asyncio.Future[None]) -> None:
@@ -643,6 +739,10 @@ class MilterServer:
             self._sessions[task] = session
         try:
             await session.run()
+        except asyncio.CancelledError:
+            # Cancelled by stop(). Ending normally: asyncio's stream server logs a cancelled
+            # connection task as an error ("Exception in callback"), one per idle connection.
+            pass
         finally:
             self.active -= 1
             if task:

@@ -29,6 +29,9 @@ class Verdict:
     clauses: tuple[str, ...] = ()
     reply: SmtpReply | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # Every header name the gateway writes results under: a sender's forged copies are
+    # removed even when this verdict adds no such header (no findings header on clean mail).
+    result_header_names: tuple[str, ...] = ()
     subject_prefix: str | None = None
     # Guidance templates for the sender, empty unless the sender may be sent mail (trusted).
     guidance: tuple[str, ...] = ()

@@ -272,8 +272,10 @@ def test_no_reply_steps_macros_and_connection_reuse(running: Running) -> None:
         )
         kinds = [r[0] for r in replies]
         assert "q" in kinds and kinds[-1] == "c", "unauthenticated school sender from outside: quarantined"
-        # An unknown command letter is answered with continue, not a dropped connection.
-        assert exchange(sock, p.UnrecognisedPacket(b"Z", b"x"), expect=1)[0][0] == "c"
+        # An unknown command letter closes the connection, as libmilter does: any answer
+        # could be one the MTA did not expect, shifting every later answer by one.
+        sock.sendall(p.encode_command(p.UnrecognisedPacket(b"Z", b"x")))
+        assert sock.recv(1024) == b"", "closed, with no reply"
 
 
 def test_without_a_macro_list_the_connection_is_still_asked_for(running: Running) -> None:
@@ -495,3 +497,227 @@ def test_a_full_disk_for_temporary_files_answers_452_and_later_mail_goes_through
         assert server.decision(3).action == "accept"
     finally:
         server.close()
+
+
+# --- hostile and broken peers ------------------------------------------------------------------
+
+
+def staff_message(body: str = "Hello,\n\nSee you tomorrow.\n", **kwargs: object) -> list[p.Command]:
+    raw = build("j.hughes@redborne.example", "a.patel@redborne.example", "x", body, **kwargs)  # type: ignore[arg-type]
+    headers, data = split_message(raw)
+    return [
+        p.MailFrom("j.hughes@redborne.example"),
+        p.RcptTo("a.patel@redborne.example"),
+        *[p.Header(n, b" " + v.encode()) for n, v in headers],
+        p.EndOfHeaders(),
+        p.BodyChunk(data),
+        p.EndOfMessage(),
+    ]
+
+
+def postfix_negotiation(sock: socket.socket, actions: int = 0x1FF) -> None:
+    (optneg,) = exchange(sock, p.OptionNegotiation(6, actions, 0x1FFFFF), expect=1)
+    assert optneg[0] == "O"
+
+
+def test_a_message_without_a_client_address_is_not_trusted_as_the_schools(running: Running) -> None:
+    """A forged school sender with no client address from the MTA (a local socket, or macros
+    without {client_addr}) is mail from outside: held, not judged as staff mail."""
+    with running.connect() as sock:
+        postfix_negotiation(sock)
+        replies = exchange(sock, p.DefineMacros("M", {"i": "Q1"}), *staff_message("you are a fucking idiot"))
+    kinds = [r[0] for r in replies]
+    assert "q" in kinds, kinds
+    decision = running.decision(1)
+    assert decision.result is not None and decision.result.verdict.direction.value == "inbound"
+
+
+def test_a_messages_macros_do_not_outlive_its_abort(running: Running) -> None:
+    with running.connect() as sock:
+        postfix_negotiation(sock)
+        sock.sendall(
+            b"".join(
+                p.encode_command(c)
+                for c in (
+                    p.DefineMacros("M", {"i": "ABORTED1", "client_addr": "203.0.113.9"}),
+                    p.MailFrom("j.hughes@redborne.example"),
+                    p.Abort(),
+                )
+            )
+        )
+        replies = exchange(sock, p.DefineMacros("M", {"client_addr": "127.0.0.1"}), *staff_message())
+    assert replies[-1][0] == "c"
+    decision = running.decision(1)
+    assert decision.queue_id is None, "the aborted message's queue id is gone"
+    assert decision.result is not None and decision.result.verdict.direction.value == "internal"
+
+
+def test_a_fix_the_mta_cannot_make_is_a_tempfail_not_unfixed_mail(tmp_path: Path) -> None:
+    from milter.policy.loader import load_rules
+    from tests.conftest import copy_rules
+
+    root = copy_rules(tmp_path / "rules")
+    policy = root / "policy.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "  - detector: missing_bcc\n    action: reject", "  - detector: missing_bcc\n    action: fix"
+        )
+    )
+    parents = ["jane.taylor@gmail.example", "david.taylor@outlook.example", "anita.shah@yahoo.example"]
+    raw = build("office@redborne.example", parents, "Trip", "Consent forms by Friday.")
+    headers, data = split_message(raw)
+    message = [
+        p.MailFrom("office@redborne.example"),
+        *[p.RcptTo(a) for a in parents],
+        *[p.Header(n, b" " + v.encode()) for n, v in headers],
+        p.EndOfHeaders(),
+        p.BodyChunk(data),
+        p.EndOfMessage(),
+    ]
+    server = Running(load_rules(root))
+    try:
+        with server.connect() as sock:  # an MTA that lets us change headers: fixed
+            postfix_negotiation(sock)
+            fixed = exchange(sock, p.DefineMacros("M", {"client_addr": "127.0.0.1"}), *message)
+        assert [r[0] for r in fixed][-1] == "c" and any(r[0] == "m" for r in fixed)
+        with server.connect() as sock:  # one that does not (no SMFIF_CHGHDRS): held back
+            postfix_negotiation(sock, actions=0x1FF & ~p.CHANGE_HEADERS)
+            refused = exchange(sock, p.DefineMacros("M", {"client_addr": "127.0.0.1"}), *message)
+        kind, data = refused[-1]
+        assert kind == "y" and data.startswith(b"451 4.7.0") and b"Reference RB-" in data
+        assert not any(r[0] == "m" for r in refused)
+        assert server.decision(2).action == "tempfail"
+    finally:
+        server.close()
+
+
+def test_a_peer_that_does_not_read_our_answers_is_cut_off(rules: Rules) -> None:
+    limits = ServerLimits(max_connections=2, idle_timeout=1.0, packet_timeout=1.0)
+    server = Running(rules, limits)
+    try:
+        with socket.socket() as sock:
+            # A small receive window, so our unread answers back up in the gateway quickly.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            # Every step wants an answer; we send steps and never read a single one.
+            exchange(sock, p.OptionNegotiation(6, 0x1FF, 0), expect=1)
+            sock.setblocking(False)
+            helo = p.encode_command(p.Helo("client.example")) * 20_000
+            pending, sent, started = memoryview(helo), 0, time.monotonic()
+            while time.monotonic() - started < 8 and server.server.active:
+                try:
+                    done = sock.send(pending)
+                except BlockingIOError:
+                    time.sleep(0.05)
+                    continue
+                except OSError:
+                    break  # reset by the gateway
+                sent += done
+                pending = pending[done:] or memoryview(helo)  # whole packets only
+            assert sent > 1_000_000, "the gateway's answers backed up"
+            deadline = time.monotonic() + 10
+            while server.server.active and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.server.active == 0, "the connection slot is free again"
+        with server.connect() as sock:
+            postfix_negotiation(sock)
+    finally:
+        server.close()
+
+
+def test_too_many_header_lines_are_refused_before_they_fill_memory(rules: Rules) -> None:
+    server = Running(rules, ServerLimits(max_headers=50))
+    try:
+        with server.connect() as sock:
+            postfix_negotiation(sock)
+            many = [p.Header(f"X-Filler-{i}", b" x") for i in range(60)]
+            replies = exchange(
+                sock, p.MailFrom("a@b.example"), p.RcptTo("c@d.example"), *many, p.EndOfMessage()
+            )
+            kind, data = replies[-1]
+            assert kind == "y" and data.startswith(b"552 5.3.4 Too many header lines")
+            assert server.decision(1).error == "too many headers"
+            # The connection goes on with the next message.
+            assert (
+                exchange(sock, p.DefineMacros("M", {"client_addr": "127.0.0.1"}), *staff_message())[-1][0]
+                == "c"
+            )
+    finally:
+        server.close()
+
+
+def test_commands_before_a_bad_packet_in_the_same_read_are_answered(running: Running) -> None:
+    with running.connect() as sock:
+        postfix_negotiation(sock)
+        commands = [p.DefineMacros("M", {"client_addr": "127.0.0.1"}), *staff_message()]
+        sock.sendall(b"".join(p.encode_command(c) for c in commands) + b"\0\0\0\0")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert p.decode_replies(data)[-1][0] == "c", "the message got its answer before the connection closed"
+
+
+class StuckClamd:
+    """A clamd socket that accepts connections and never answers (clamd hung)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_stuck_clamd_holds_one_small_message_not_the_whole_worker(tmp_path: Path) -> None:
+    """Small mail is scanned on the event loop; its clamd question must not block the loop:
+    keep-alives flow, scan_timeout answers 451, and other connections are served meanwhile."""
+    from milter.policy.loader import load_rules
+    from tests.conftest import copy_rules
+
+    clamd = StuckClamd(Path(tempfile.mkdtemp(prefix="stuck-clamd-")) / "clamd.sock")
+    root = copy_rules(tmp_path / "rules", virus_scan=True)
+    policy = root / "policy.yaml"
+    text = policy.read_text().replace("clamd: unix:/run/clamav/clamd.ctl", f"clamd: unix:{clamd.path}")
+    policy.write_text(text.replace("clamd_conf: /etc/clamav/clamd.conf", "clamd_conf: ''"))
+    limits = ServerLimits(inline_scan_bytes=65_536, scan_timeout=1.5, progress_interval=0.2)
+    server = Running(load_rules(root), limits)
+    try:
+        attachment = [("worksheet.txt", b"Question 1", "text/plain")]
+        with server.connect() as sock, server.connect() as other:
+            postfix_negotiation(sock)
+            sock.sendall(
+                b"".join(
+                    p.encode_command(c)
+                    for c in (
+                        p.DefineMacros("M", {"client_addr": "127.0.0.1"}),
+                        *staff_message(attachments=attachment),
+                    )
+                )
+            )
+            time.sleep(0.3)  # the scan is waiting on clamd now
+            started = time.monotonic()
+            postfix_negotiation(other)  # answered at once although a scan waits
+            assert time.monotonic() - started < 0.5
+            replies = exchange(sock)
+        kinds = [r[0] for r in replies]
+        assert kinds.count("p") >= 3, kinds
+        kind, data = replies[-1]
+        assert kind == "y" and data.startswith(b"451") and b"Reference RB-" in data
+    finally:
+        server.close()
+        clamd.close()

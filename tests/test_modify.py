@@ -30,6 +30,15 @@ def test_forged_result_header_is_replaced(rules: Rules) -> None:
     assert "RB-FAKE" not in values[0] and values[0].startswith("accept; ref=RB-")
 
 
+def test_forged_findings_header_is_removed_from_clean_mail(rules: Rules) -> None:
+    """Clean mail gets no findings header of ours, so a forged one must not survive either."""
+    forged = {"X-School-Policy-Findings": "none (checked by the school)", "X-School-Policy": "accept"}
+    action, message = delivered(build(headers=forged, body="hello"), rules)
+    assert action is Action.ACCEPT
+    assert message.get_all("X-School-Policy-Findings") is None
+    assert len(message.get_all("X-School-Policy") or []) == 1
+
+
 def test_tag_prefixes_subject_once(rules: Rules) -> None:
     _, message = delivered(build(subject="WHO TOOK THE SCIENCE PROJECTOR AGAIN"), rules)
     assert message["Subject"] == "[Shouting] WHO TOOK THE SCIENCE PROJECTOR AGAIN"

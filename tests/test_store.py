@@ -708,6 +708,27 @@ def test_a_list_change_applies_to_the_next_message(store: Store, store_url: str)
         console.close()
 
 
+def test_in_the_daemon_a_scan_reads_the_lists_without_asking_the_store(store: Store, store_url: str) -> None:
+    """The daemon refreshes the lists in the background: a scan never waits on the database."""
+    asked: list[int] = []
+
+    def version() -> int:
+        asked.append(1)
+        return store.list_version()
+
+    source = ListsSource(version, store.lists, interval=1.0, refreshed_elsewhere=True)
+    source.refresh()
+    console = Store(store_url)
+    try:
+        console.add_entry("block", "sender", "prize@lottery.example", "tech1")
+        assert source.current().blocks("sender") == frozenset(), "not yet refreshed"
+        assert len(asked) == 1, "current() did not touch the store"
+        assert source.refresh().blocks("sender") == {"prize@lottery.example"}
+        assert source.current().blocks("sender") == {"prize@lottery.example"}
+    finally:
+        console.close()
+
+
 # -------------------------------------------------------------------------- outbox
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from milter.clamd import ClamdClient, ClamdUnavailable
+from milter.clamd import ClamdClient, ClamdResult, ClamdUnavailable
 from milter.findings import Finding, Severity
 
 if TYPE_CHECKING:
@@ -37,19 +37,37 @@ def _when_unavailable(settings: VirusScan, has_attachments: bool) -> str:
     )
 
 
+def wanted(message: Message, rules: Rules) -> bool:
+    """Whether the rules want clamd asked about this message."""
+    return rules.policy.detectors.virus_scan.scan != "attachments" or bool(message.attachments)
+
+
+def client(rules: Rules) -> ClamdClient:
+    settings = rules.policy.detectors.virus_scan
+    return ClamdClient(settings.clamd, timeout=settings.timeout, max_stream=int(settings.max_stream))
+
+
 def check(message: Message, ctx: Context, rules: Rules) -> list[Finding]:
+    if not wanted(message, rules):
+        return []
+    answer: ClamdResult | ClamdUnavailable
+    try:
+        answer = client(rules).scan_bytes(message.raw)
+    except ClamdUnavailable as exc:
+        answer = exc
+    return judge(answer, message, rules)
+
+
+def judge(answer: ClamdResult | ClamdUnavailable, message: Message, rules: Rules) -> list[Finding]:
+    """The findings for clamd's answer (or for not getting one), whoever asked clamd."""
     settings = rules.policy.detectors.virus_scan
     has_attachments = bool(message.attachments)
-    if settings.scan == "attachments" and not has_attachments:
-        return []
-    client = ClamdClient(settings.clamd, timeout=settings.timeout, max_stream=int(settings.max_stream))
-    try:
-        result = client.scan_bytes(message.raw)
-    except ClamdUnavailable as exc:
+    if isinstance(answer, ClamdUnavailable):
         mode = _when_unavailable(settings, has_attachments)
         if mode == "tempfail":
-            raise ScannerUnavailable(str(exc)) from None
+            raise ScannerUnavailable(str(answer))
         return [_unscanned(rules, "the virus scanner could not be reached: the message is unscanned", "down")]
+    result = answer
     if result.status == "infected":
         signature = result.signature or "unknown"
         return [
