@@ -27,9 +27,17 @@ from tests.mail import build
 class Running:
     """A MilterServer on its own event loop thread, bound to a free loopback port."""
 
-    def __init__(self, rules: Rules, limits: ServerLimits | None = None, scanner: object = None) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        limits: ServerLimits | None = None,
+        scanner: object = None,
+        followup: object = None,
+    ) -> None:
         self.decisions: list[Decision] = []
         kwargs = {"scanner": scanner} if scanner else {}
+        if followup is not None:
+            kwargs["followup"] = followup
         self.server = MilterServer(lambda: rules, limits, on_decision=self.decisions.append, **kwargs)  # type: ignore[arg-type]
         self.sock = bind("inet:127.0.0.1:0")
         self.port = self.sock.getsockname()[1]
@@ -721,3 +729,46 @@ def test_a_stuck_clamd_holds_one_small_message_not_the_whole_worker(tmp_path: Pa
     finally:
         server.close()
         clamd.close()
+
+
+class SlowStore:
+    """Stands in for FollowUp with a store that is locked by someone else: hold() waits."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def hold(self, *args: object) -> str:
+        time.sleep(self.seconds)
+        return "late"
+
+
+def test_a_slow_store_holds_the_answer_no_longer_than_scan_timeout(rules: Rules) -> None:
+    limits = ServerLimits(scan_timeout=0.8, progress_interval=0.2)
+    server = Running(rules, limits, followup=SlowStore(3))
+    try:
+        with server.connect() as sock:
+            postfix_negotiation(sock)
+            started = time.monotonic()
+            replies = exchange(
+                sock, p.DefineMacros("M", {"client_addr": "203.0.113.9"}), *staff_message("you fucking idiot")
+            )
+            took = time.monotonic() - started
+        kinds = [r[0] for r in replies]
+        assert kinds.count("p") >= 2, kinds
+        kind, data = replies[-1]
+        assert kind == "y" and data.startswith(b"451") and b"Reference RB-" in data
+        assert took < 2.5, "answered at scan_timeout, not when the store was done"
+    finally:
+        server.close()
+
+
+def test_stopping_with_idle_connections_logs_no_errors(
+    rules: Rules, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Running(rules)
+    with server.connect() as first, server.connect() as second:
+        postfix_negotiation(first)
+        postfix_negotiation(second)
+        with caplog.at_level("ERROR"):
+            server.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
