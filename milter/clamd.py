@@ -224,14 +224,13 @@ class ClamdClient:
                 _no_delay(sock)
                 reply = bytearray()
                 try:
-                    await loop.sock_sendall(sock, b"zINSTREAM\0")
-                    for start in range(0, len(view), self.chunk_size):
-                        if _take_available(sock, reply):
-                            break  # clamd answered early: it stopped reading
-                        chunk = view[start : start + self.chunk_size]
-                        await loop.sock_sendall(sock, b"".join((struct.pack(">I", len(chunk)), chunk)))
+                    if len(view) <= self.chunk_size:
+                        # One write, as scan_bytes does: the daemon asks clamd this way for
+                        # every small message, and each loop round trip costs CPU.
+                        sized = (struct.pack(">I", len(view)), view) if len(view) else ()
+                        await loop.sock_sendall(sock, b"".join((b"zINSTREAM\0", *sized, _END_OF_STREAM)))
                     else:
-                        await loop.sock_sendall(sock, _END_OF_STREAM)
+                        await self._asend_chunks(loop, sock, view, reply)
                 except OSError as exc:
                     if exc.errno not in _PEER_CLOSED:
                         raise ClamdUnavailable(f"sending to clamd at {self.address} failed: {exc}") from exc
@@ -250,6 +249,17 @@ class ClamdClient:
         finally:
             sock.close()
         return parse_scan_reply(self._reply_text(bytes(reply)))
+
+    async def _asend_chunks(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, reply: bytearray
+    ) -> None:
+        await loop.sock_sendall(sock, b"zINSTREAM\0")
+        for start in range(0, len(view), self.chunk_size):
+            if _take_available(sock, reply):
+                return  # clamd answered early: it stopped reading
+            chunk = view[start : start + self.chunk_size]
+            await loop.sock_sendall(sock, b"".join((struct.pack(">I", len(chunk)), chunk)))
+        await loop.sock_sendall(sock, _END_OF_STREAM)
 
     # -- the protocol -------------------------------------------------------------------
 

@@ -162,6 +162,7 @@ def _limits(settings: Settings) -> ServerLimits:
         progress_interval=settings.progress_interval,
         max_message_bytes=settings.max_message_bytes,
         inline_scan_bytes=settings.inline_scan_bytes,
+        max_headers=settings.max_headers,
     )
 
 

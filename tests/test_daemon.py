@@ -841,3 +841,16 @@ def test_an_expired_certificate_is_an_error_in_the_log_but_mail_still_flows(
         with pytest.raises(ssl.SSLCertVerificationError):
             _served_certificate(d, ca)
         assert d.smtp(build(STAFF, STAFF2, "Rota", "Cover."))[0] == 250
+
+
+def test_the_deployed_config_names_every_setting_and_loads() -> None:
+    """deploy/school-milter.toml is where an administrator looks for what can be set."""
+    from milter.config import Settings, load_settings
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "school-milter.toml"
+    text = path.read_text()
+    missing = [
+        name for name in Settings.model_fields if f"\n{name} =" not in text and f"# {name} =" not in text
+    ]
+    assert missing == []
+    load_settings(path, {})
