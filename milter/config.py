@@ -39,6 +39,18 @@ class Settings(BaseModel):
     # With "required": the name the next hop's certificate must carry, when the next_hop
     # host is an address or an alias the certificate does not name. Empty: the next_hop host.
     next_hop_tls_name: str = ""
+    # SMTP mode's relay to the next hop, a timeout for each stage (seconds): connecting and
+    # its greeting; each command before the message; the message, as the longest the next
+    # hop may take none of it (a slow but steady next hop is never cut off); the reply to the
+    # message's final dot (RFC 5321 4.5.3.2.6: 10 minutes).
+    next_hop_connect_timeout: float = Field(default=30.0, gt=0)
+    next_hop_command_timeout: float = Field(default=60.0, gt=0)
+    next_hop_stall_timeout: float = Field(default=180.0, gt=0)
+    next_hop_final_reply_timeout: float = Field(default=600.0, gt=0)
+    # SMTP mode answers a client within this of its final dot, whatever the next hop does:
+    # keep it under the client's own wait (Postfix's smtp_data_done_timeout, 600 s), or the
+    # client gives up and sends the message again while the gateway may still deliver it.
+    smtp_reply_deadline: float = Field(default=540.0, gt=0)
     spool: Path = Path("var/spool")
     # SMTP mode answers MAIL with 452 while the spool's disk has less free space than this
     # plus the size the client declares; 0 to check nothing before the message is written.
@@ -116,6 +128,20 @@ class Settings(BaseModel):
     def _tls_to_require(cls, v: bool, info: ValidationInfo) -> bool:
         if v and info.data.get("smtp_tls_cert") is None:
             raise ValueError("needs smtp_tls_cert and smtp_tls_key (there is no STARTTLS to require)")
+        return v
+
+    @field_validator("smtp_reply_deadline")
+    @classmethod
+    def _room_for_the_final_reply(cls, v: float, info: ValidationInfo) -> float:
+        # The final dot is sent only while a command's time is left before the deadline.
+        reserve = min(
+            info.data.get("next_hop_command_timeout", 60.0),
+            info.data.get("next_hop_final_reply_timeout", 600.0),
+        )
+        if v <= reserve:
+            raise ValueError(
+                f"must be more than next_hop_command_timeout ({reserve:g}), or no message is ever relayed"
+            )
         return v
 
     @field_validator("smtp_tls_exempt")

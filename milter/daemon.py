@@ -325,6 +325,12 @@ async def _run_worker(
                 next_hop_tls=settings.next_hop_tls,
                 next_hop_tls_ca=settings.next_hop_tls_ca,
                 next_hop_tls_name=settings.next_hop_tls_name or None,
+                relay_connect_timeout_seconds=settings.next_hop_connect_timeout,
+                relay_command_timeout_seconds=settings.next_hop_command_timeout,
+                relay_stall_timeout_seconds=settings.next_hop_stall_timeout,
+                relay_final_reply_timeout_seconds=settings.next_hop_final_reply_timeout,
+                reply_deadline_seconds=settings.smtp_reply_deadline,
+                stop_grace_seconds=settings.shutdown_grace,
             ),
             holder.get,
             followup=followup,
@@ -347,10 +353,11 @@ async def _run_worker(
     await stop.wait()
     log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
     _exit_if_stuck(settings.shutdown_grace + 15)
-    if milter_server:
-        await milter_server.stop(settings.shutdown_grace)
-    if smtp_gateway:
-        await smtp_gateway.stop()
+    # Both at once: each may take shutdown_grace, and the watchdog allows that once.
+    await asyncio.gather(
+        *([milter_server.stop(settings.shutdown_grace)] if milter_server else []),
+        *([smtp_gateway.stop()] if smtp_gateway else []),
+    )
     background = [t for t in (outbox_task, tally_task, lists_task) if t]
     if background:
         # They see `stop` and end after their current round (a last count flush included).

@@ -27,6 +27,30 @@ The relay to the next hop uses STARTTLS as `next_hop_tls` says: "opportunistic" 
 offered, certificate unchecked, plain text if the handshake fails: Postfix's
 `smtp_tls_security_level = may`), "required" (a verified certificate, else 451 and the
 client keeps the message, as when the next hop is down) or "off".
+
+The relay has a timeout for each stage, as an MTA's SMTP client does: connecting, each
+command before the message, the message itself (bounded by progress, not by its total
+time: a slow but steady next hop is never cut off) and the reply to its final dot (up to
+10 minutes, RFC 5321 4.5.3.2.6). The client is itself waiting for the answer to its own
+final dot (Postfix gives up after smtp_data_done_timeout, 600 s, and sends it again), so
+every stage also ends by reply_deadline_seconds after the client's final dot. Giving up
+before our final dot has gone out is safe: the connection is reset (SO_LINGER 0), so
+neither the rest of the message nor the dot ever reaches the next hop, and the client's
+retry is the only copy. Giving up after it is the one case where a copy may have been
+delivered and the client's retry makes a second (RFC 1047): the final dot is sent only
+while at least a command timeout remains before the deadline, and such a case is logged.
+
+Recipients: while the client's RCPT waits, the gateway asks the next hop about that
+recipient in a session of its own (MAIL, RCPT; Exim's recipient callout, Postfix's
+smtpd_proxy_filter) and passes a refusal back as the answer to that RCPT. So each
+recipient gets its own answer: a 550 for an unknown one is bounced by the client for that
+recipient alone, a 452 "too many recipients" makes the client send the rest in a further
+transaction (RFC 5321 4.5.3.1.10), and the single reply after DATA covers only recipients
+the next hop has taken. Should the next hop still refuse some of them when the message is
+relayed (it changed its mind, or could not be asked), nothing is sent and the client is
+told 451 (4xx when every refusal is temporary, the next hop's 5xx when all are permanent):
+its retry asks again, recipient by recipient. Delivering to some and answering for all
+could only lose mail (250) or duplicate it (4xx, 5xx and a resend).
 """
 
 from __future__ import annotations
@@ -35,6 +59,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import email.utils
 import errno
 import functools
 import ipaddress
@@ -44,16 +69,17 @@ import os
 import re
 import socket
 import ssl
+import struct
 import textwrap
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, AnyStr
 
-import aiosmtplib
 from aiosmtpd.smtp import SMTP, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
@@ -68,6 +94,7 @@ from milter.reference import new_reference
 from milter.smtp_tls import (
     EXPIRY_WARNING_DAYS,
     NextHopTls,
+    StartTlsRefused,
     TlsSetupError,
     certificate_expiry,
     negotiated_version,
@@ -100,6 +127,39 @@ _XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURC
 _XFORWARD_UNKNOWN = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
 
 _MUST_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
+_MUST_DECLARE_UTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+
+# DSN (RFC 3461) and AUTH (RFC 4954) parameters: taken from MAIL and RCPT before aiosmtpd
+# sees them (it refuses every parameter it does not know with 555). Values are xtext.
+_MAIL_PARAMETERS = ("RET", "ENVID", "AUTH")
+_RCPT_PARAMETERS = ("NOTIFY", "ORCPT")
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+_PARAMETER_SYNTAX = {
+    "RET": re.compile(r"FULL|HDRS", re.IGNORECASE),
+    "ENVID": _XTEXT,
+    "AUTH": re.compile(r"<>|" + _XTEXT.pattern),
+    "NOTIFY": re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*", re.IGNORECASE),
+    # addr-type ";" xtext, or RFC 6533's "utf-8" type whose address may be UTF-8.
+    "ORCPT": re.compile(r"[A-Za-z0-9-]+;\S+"),
+}
+# RFC 3461 4 and RFC 4954 5: ENVID, AUTH= and ORCPT make MAIL and RCPT up to 600 and 500
+# characters longer than 512; aiosmtpd reads no line longer than 1001 anyway.
+_COMMAND_LIMITS = {"MAIL": 1000, "RCPT": 1000}
+
+# How the relay writes a message: in chunks, each waited for until the next hop has taken
+# most of what is buffered (progress), never the whole message at once.
+_CHUNK = 64 * 1024
+# RFC 5321 4.5.2 and 2.3.8: every line ends in CRLF on the wire (a bare LF or CR would let
+# "\n.\r\n" end the message early at a lenient next hop: SMTP smuggling), and a line that
+# begins with a dot gets another.
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+# A reply from the next hop: lines of at most this many bytes, at most this many lines.
+_HOP_LINE_LIMIT = 4096
+_HOP_REPLY_LINES = 100
+# After the next hop could not be reached for a recipient check, relays still try it but
+# recipient checks wait this long, so a next hop that is down does not slow every RCPT.
+_CHECK_BACKOFF_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,11 +171,22 @@ class SmtpModeConfig:
     spool_dir: Path = Path("var/spool")
     max_message_bytes: int = 50_000_000
     max_connections: int = 100
-    # Idle time allowed between client commands (and for sending DATA) before the
-    # connection is dropped; scanning and relaying do not count against it.
+    # How long a client may send nothing (between commands, or in the middle of its
+    # message) before it is told 421 and the connection is closed; scanning and relaying
+    # do not count against it.
     timeout_seconds: float = 300.0
-    # The whole relay transaction with the next hop, connect to final reply.
-    relay_timeout_seconds: float = 60.0
+    # The relay's stages (see the module's docstring): connecting and the next hop's
+    # greeting; each command before the message (EHLO, STARTTLS, MAIL, RCPT, DATA); the
+    # message, as the longest the next hop may take none of it (Postfix's
+    # smtp_data_xfer_timeout); the reply to its final dot (RFC 5321 4.5.3.2.6).
+    relay_connect_timeout_seconds: float = 30.0
+    relay_command_timeout_seconds: float = 60.0
+    relay_stall_timeout_seconds: float = 180.0
+    relay_final_reply_timeout_seconds: float = 600.0
+    # The client hears its answer within this of its final dot, whatever the next hop
+    # does: under the client's own wait (Postfix's smtp_data_done_timeout, 600 s), or it
+    # gives up and sends the message again while we may still deliver it.
+    reply_deadline_seconds: float = 540.0
     # Clients whose XFORWARD (the real client behind Postfix) is believed. Whoever may
     # send it chooses the client address the rules see, so only the MTA in front of us.
     xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -171,11 +242,25 @@ def format_reply(code: int, enhanced: str | None, text: str) -> str:
     return "\r\n".join(out)
 
 
-def _next_hop_reply(code: int, message: str, reference: str) -> str:
-    """The next hop's refusal passed back to the client, with our reference added."""
+@dataclass(frozen=True)
+class _Reply:
+    """A reply from the next hop: its code and its text, lines joined by newlines."""
+
+    code: int
+    text: str
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def _next_hop_reply(reply: _Reply, reference: str | None) -> str:
+    """The next hop's refusal passed back to the client, with our reference when there is one."""
+    # A 421 closes the next hop's connection, not the client's: to the client it is a 451.
+    code = 451 if reply.code == 421 else reply.code
     enhanced = None
     lines = []
-    for line in message.splitlines():
+    for line in reply.text.splitlines():
         match = _ENHANCED.match(line)
         if match:
             enhanced = enhanced or match.group(1)
@@ -183,7 +268,7 @@ def _next_hop_reply(code: int, message: str, reference: str) -> str:
         lines.append(line)
     if not enhanced or enhanced[0] != str(code)[0]:
         enhanced = f"{str(code)[0]}.0.0"
-    lines.append(f"(from the next hop) Reference {reference}.")
+    lines.append(f"(from the next hop) Reference {reference}." if reference else "(from the next hop)")
     return format_reply(code, enhanced, "\n".join(lines))
 
 
@@ -206,12 +291,14 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Message files on disk: every message is here before it is scanned, until it is dealt with.
 
-    Several worker processes share one spool directory. A file in incoming/ (and tmp/) is
-    named REF.PID.eml after the process handling it, so a worker (re)starting counts as
-    left over only the files whose process is gone, never those a live sibling is writing
-    or handling, and it only counts them: nothing in incoming/ is moved or deleted at
-    start. (A dead worker's pid taken by a new process hides its files until that process
-    ends: a late report, never a disturbed message.)
+    Several worker processes share one spool directory. A file in incoming/ is named
+    REF.PID.eml and one in tmp/ NAME.PID.tmp after the process handling or writing it, so
+    a worker (re)starting counts as left over only the files whose process is gone, never
+    those a live sibling is writing or handling. It only counts incoming/'s (nothing there
+    is moved or deleted at start); tmp/'s are half-written files of a process that died
+    mid-write, which nobody can use, so those are removed. (A dead worker's pid taken by a
+    new process hides its files until that process ends: a late report, never a
+    disturbed message.)
     """
 
     def __init__(self, root: Path) -> None:
@@ -232,9 +319,31 @@ class Spool:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return sum(1 for path in self.incoming.iterdir() if not _handler_alive(path))
 
+    def remove_half_written(self) -> int:
+        """Remove the files in tmp/ of processes now gone (killed mid-write); how many.
+
+        Like prepare(), before this process writes anything. A file without a pid (an
+        older gateway's) is removed once it is an hour old: no write takes that long.
+        """
+        removed = 0
+        for path in self.tmp.iterdir():
+            pid = _writer_pid(path.name)
+            if pid is None:
+                try:
+                    stale = time.time() - path.stat().st_mtime > 3600
+                except FileNotFoundError:
+                    continue
+            else:
+                stale = not _process_alive(pid)
+            if stale:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def _write(self, final: Path, data: bytes) -> Path:
-        """Write through tmp/ and rename: a reader never sees half a file, a crash leaves none."""
-        tmp = self.tmp / final.name
+        """Write through tmp/ and rename: a reader never sees half a file; one a crash leaves
+        in tmp/ carries the writer's pid, for remove_half_written()."""
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
@@ -277,18 +386,30 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
 
-def _handler_alive(path: Path) -> bool:
-    """Whether another live process may be handling this incoming/ file (named REF.PID.eml)."""
-    pid = path.name.removesuffix(".eml").rpartition(".")[2]
-    if not pid.isdigit() or int(pid) in (0, os.getpid()):
-        return False  # no pid (an older gateway's file), or ours from before we started
+def _writer_pid(name: str) -> int | None:
+    """The pid in a spool file's name: REF.PID.eml (incoming/) or NAME.PID.tmp (tmp/)."""
+    pid = name.rpartition(".")[0].rpartition(".")[2]
+    return int(pid) if pid.isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether another live process has this pid; ours counts as gone (an earlier process's)."""
+    if pid in (0, os.getpid()):
+        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # alive, as another user
     return True
+
+
+def _handler_alive(path: Path) -> bool:
+    """Whether another live process may be handling this incoming/ file (named REF.PID.eml)."""
+    pid = _writer_pid(path.name)
+    # No pid: an older gateway's file.
+    return pid is not None and _process_alive(pid)
 
 
 def _json(record: dict[str, object]) -> bytes:
@@ -307,6 +428,39 @@ def _xtext_decode(value: str) -> str:
     return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
+def _utf8_address_ok(address: str, smtputf8: bool) -> bool:
+    """RFC 6531 3.4: an address may be UTF-8 only in a transaction that declared SMTPUTF8
+    (and must be valid UTF-8: aiosmtpd keeps bytes that are not as surrogates)."""
+    if address.isascii():
+        return True
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return smtputf8
+
+
+def _needs_smtputf8(transaction: SmtpEnvelope, data: bytes) -> bool:
+    """Whether a message that declared SMTPUTF8 needs it from the next hop (Postfix's rule):
+    UTF-8 in an envelope address or in the header. Otherwise it goes on without it."""
+    if not transaction.smtp_utf8:
+        return False
+    addresses = [transaction.mail_from or "", *transaction.rcpt_tos]
+    return not all(a.isascii() for a in addresses) or not data.partition(b"\r\n\r\n")[0].isascii()
+
+
+def _command(head: str, parameters: list[str], utf8: bool) -> bytes:
+    """A command line for the next hop; UTF-8 only in a SMTPUTF8 transaction (UnicodeError otherwise)."""
+    if not utf8:
+        parameters = [p for p in parameters if p.isascii()]  # an ORCPT=utf-8;... needs SMTPUTF8
+    return " ".join([head, *parameters]).encode("utf-8" if utf8 else "ascii")
+
+
+def _trace_name(name: str | None) -> str:
+    """A name as it may stand in a Received: line: what a client says in HELO is anything."""
+    return re.sub(r"[^A-Za-z0-9.:_\[\]-]", "", name or "")[:255] or "unknown"
+
+
 class _Busy(asyncio.Protocol):
     """Answers a connection over the limit with 421 and hangs up, so the client retries later."""
 
@@ -320,21 +474,68 @@ class _Busy(asyncio.Protocol):
 
 
 class _GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP plus XFORWARD, coded size replies and an idle timer paused while we work."""
+    """aiosmtpd's SMTP plus XFORWARD, DSN parameters, coded size replies, no AUTH, and an idle
+    timer that counts every byte the client sends and is paused while we work."""
 
     def __init__(self, gateway: SmtpGateway, **kwargs: Any) -> None:
+        self._recipient_check: _RecipientCheck | None = None
         super().__init__(gateway, **kwargs)
         self.gateway = gateway
+        # Room for DSN parameters; an instance's own (aiosmtpd's is shared by the class).
+        self.command_size_limits = defaultdict(lambda: SMTP.command_size_limit, _COMMAND_LIMITS)
         # XFORWARD attributes, tied to the aiosmtpd envelope they were given for: aiosmtpd
         # makes a new envelope after DATA, RSET and HELO/EHLO, so they last one transaction.
         self._xforward: tuple[SmtpEnvelope | None, dict[str, str | None]] = (None, {})
+        # The DSN and AUTH parameters of the MAIL or RCPT being handled, for the handler hooks.
+        self.parameters: dict[str, str] = {}
         self.handling = False
+        self._last_input = self.loop.time()
+
+    def _create_envelope(self) -> _Transaction:
+        return _Transaction()
+
+    def _set_post_data_state(self) -> None:
+        # A new transaction (after DATA, RSET, HELO/EHLO): the old one's recipient check ends.
+        self.end_recipient_check()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    def recipient_check(self, transaction: SmtpEnvelope) -> _RecipientCheck:
+        check = self._recipient_check
+        if check is None or check.transaction is not transaction:
+            self.end_recipient_check()
+            check = self._recipient_check = _RecipientCheck(transaction)
+        return check
+
+    def end_recipient_check(self) -> None:
+        if self._recipient_check is not None:
+            self._recipient_check.close()
+            self._recipient_check = None
 
     def connection_lost(self, error: Exception | None) -> None:
         self.gateway._connections.discard(self)
+        self.end_recipient_check()
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        self._last_input = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd restarts its idle timer only when a command arrives, so a client sending a
+        # long message slowly would be cut off mid-message: idle means no bytes at all.
+        if self.handling or self.transport is None:
+            return
+        quiet = self.loop.time() - self._last_input
+        if quiet < self._timeout_duration:
+            self._reset_timeout(self._timeout_duration - quiet)
+            return
+        # RFC 5321 3.8: say why before closing, so the client knows to retry.
+        self.hang_up(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
     async def smtp_DATA(self, arg: str) -> None:
+        # The recipients are known: the next hop's session that checked them is not needed
+        # while the client sends its message and we scan it (the relay opens its own).
+        self.end_recipient_check()
         # A message counts as in flight from handle_DATA until its reply has been written
         # (aiosmtpd writes it after handle_DATA returns), so stop() never cuts it short.
         try:
@@ -343,6 +544,38 @@ class _GatewaySMTP(SMTP):
             if self.handling:
                 self.handling = False
                 self.gateway._message_done()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # There is nothing to check a login against, so AUTH is neither offered nor taken
+        # (aiosmtpd would offer it after STARTTLS and then refuse every login).
+        await self.push("503 5.5.1 Error: authentication not enabled")
+
+    def _split_parameters(
+        self, arg: str | None, keyword: str, names: tuple[str, ...]
+    ) -> tuple[str | None, dict[str, str]]:
+        """`arg` without the parameters named (aiosmtpd refuses them), and those parameters.
+        ValueError, whose text is the reply, for one that is malformed or given twice."""
+        if not arg or self.session is None or not self.session.extended_smtp:
+            return arg, {}
+        after_keyword = self._strip_command_keyword(keyword, arg)
+        if after_keyword is None:
+            return arg, {}
+        address, rest = self._getaddr(after_keyword)
+        if address is None or not rest or not arg.endswith(rest):
+            return arg, {}  # aiosmtpd's own syntax errors
+        kept: list[str] = []
+        taken: dict[str, str] = {}
+        for parameter in rest.split():
+            name, _, value = parameter.partition("=")
+            name = name.upper()
+            if name not in names:
+                kept.append(parameter)
+                continue
+            limit = 100 if name == "ENVID" else 500
+            if name in taken or len(value) > limit or not _PARAMETER_SYNTAX[name].fullmatch(value):
+                raise ValueError(f"501 5.5.4 Bad {name} parameter")
+            taken[name] = value
+        return " ".join([arg[: len(arg) - len(rest)].rstrip(), *kept]), taken
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and status.startswith(_SIZE_REPLIES):
@@ -371,7 +604,27 @@ class _GatewaySMTP(SMTP):
         if self.gateway._must_starttls(self.peer_address()) and self.tls_version() is None:
             await self.push(_MUST_STARTTLS)
             return
-        await super().smtp_MAIL(arg)
+        try:
+            arg, self.parameters = self._split_parameters(arg, "FROM:", _MAIL_PARAMETERS)
+        except ValueError as exc:
+            await self.push(str(exc))
+            return
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self.parameters = {}
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        try:
+            arg, self.parameters = self._split_parameters(arg, "TO:", _RCPT_PARAMETERS)
+        except ValueError as exc:
+            await self.push(str(exc))
+            return
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self.parameters = {}
 
     def forwarded(self) -> dict[str, str | None]:
         envelope, attributes = self._xforward
@@ -444,6 +697,187 @@ def _auth_user(session: Session) -> str | None:
     return data if isinstance(data, str) and data else None
 
 
+# --- the next hop --------------------------------------------------------------------------
+
+
+class _HopError(Exception):
+    """The conversation with the next hop broke down: a garbled or overlong reply, or it hung up."""
+
+
+class _HopRefused(_HopError):
+    """The next hop would not talk to us at all (its greeting or EHLO was not positive)."""
+
+    def __init__(self, stage: str, reply: _Reply) -> None:
+        super().__init__(f"{stage} answered {reply.code}")
+        self.reply = reply
+
+
+class _NextHopSession:
+    """One SMTP session with the next hop, each wait bounded by the caller.
+
+    The gateway's own client rather than aiosmtplib's, whose DATA writes the whole message
+    at once under one timeout and whose close() still flushes what it had buffered, final
+    dot included, after we have given up: here the message goes out chunk by chunk as the
+    next hop takes it, the final dot only after the rest, and abort() resets the
+    connection so that nothing buffered is sent any more.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        # EHLO keywords (upper case) and their parameters, from the latest EHLO.
+        self.extensions: dict[str, str] = {}
+        # The TLS version once STARTTLS has succeeded ("TLSv1.3"), else None.
+        self.tls: str | None = None
+        # Whether our final dot has been written: from then on the next hop may have the message.
+        self.dot_sent = False
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float) -> _NextHopSession:
+        """Connect and read the greeting, both within `timeout`; _HopRefused if it is not 220."""
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + timeout
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=_HOP_LINE_LIMIT)
+        session = cls(reader, writer)
+        try:
+            greeting = await session.read_reply(ends - loop.time())
+        except BaseException:
+            session.abort()
+            raise
+        if greeting.code != 220:
+            session.abort()
+            raise _HopRefused("greeting", greeting)
+        return session
+
+    def offers(self, keyword: str) -> bool:
+        return keyword in self.extensions
+
+    async def read_reply(self, timeout: float) -> _Reply:
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(max(timeout, 0)):
+                while True:
+                    line = await self.reader.readline()
+                    if not line.endswith(b"\n"):
+                        raise _HopError("connection closed")
+                    code, separator = line[:3], line[3:4]
+                    if not code.isdigit() or separator not in (b" ", b"-", b"\r", b"\n"):
+                        raise _HopError("malformed reply")
+                    lines.append(line[4:].strip().decode("utf-8", "replace"))
+                    if separator != b"-":
+                        return _Reply(int(code), "\n".join(lines))
+                    if len(lines) >= _HOP_REPLY_LINES:
+                        raise _HopError("reply too long")
+        except ValueError:  # a line over the reader's limit
+            raise _HopError("reply line too long") from None
+
+    async def command(self, line: bytes, timeout: float) -> _Reply:
+        self.writer.write(line + b"\r\n")
+        return await self.read_reply(timeout)
+
+    async def ehlo(self, name: str, timeout: float) -> _Reply:
+        reply = await self.command(b"EHLO " + name.encode("ascii", "replace"), timeout)
+        if reply.positive:
+            extensions = {}
+            for line in reply.text.splitlines()[1:]:
+                keyword, _, parameters = line.partition(" ")
+                extensions[keyword.upper()] = parameters
+            self.extensions = extensions
+        return reply
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        reply = await self.command(b"STARTTLS", timeout)
+        if reply.code != 220:
+            raise StartTlsRefused(reply.code)
+        # Nothing may follow the 220 in clear text; anything that did was put there by
+        # someone in between (STARTTLS command injection) and would pass for TLS replies.
+        if getattr(self.reader, "_buffer", b""):
+            raise _HopError("data after the reply to STARTTLS")
+        async with asyncio.timeout(max(timeout, 0)):
+            await self.writer.start_tls(context, server_hostname=server_hostname)
+        self.extensions = {}  # RFC 3207 4.2: what the next hop said before TLS no longer counts
+        self.tls = negotiated_version(self.writer.get_extra_info("ssl_object")) or "TLS"
+
+    async def send_message(
+        self, data: bytes, *, stall: float, final_reply: float, reserve: float, deadline: float
+    ) -> _Reply:
+        """After DATA's 354: the message and its final dot; the next hop's reply to the dot.
+
+        Each chunk is waited for until the next hop has taken most of what is buffered, for
+        at most `stall` (a next hop that takes nothing for that long is given up on), and
+        all of it by `deadline` less `reserve`, the least time left for the final reply.
+        TimeoutError before the final dot is written means the next hop cannot have the
+        message (provided the caller then abort()s); after it, `dot_sent` is True.
+        """
+        loop = asyncio.get_running_loop()
+        wire = _LINE_ENDS.sub(b"\r\n", data)
+        if not wire.endswith(b"\r\n"):
+            wire += b"\r\n"
+        view = memoryview(_LEADING_DOT.sub(b"..", wire))
+        for start in range(0, len(view), _CHUNK):
+            self.writer.write(view[start : start + _CHUNK])
+            async with asyncio.timeout(max(min(stall, deadline - reserve - loop.time()), 0)):
+                await self.writer.drain()
+        if deadline - loop.time() < reserve:
+            raise TimeoutError  # too late for the next hop to answer the dot in time: keep it back
+        self.writer.write(b".\r\n")
+        self.dot_sent = True
+        return await self.read_reply(min(final_reply, deadline - loop.time()))
+
+    def quit_soon(self) -> None:
+        """QUIT and close without waiting for the answer: only when no message is pending."""
+        with contextlib.suppress(Exception):
+            self.writer.write(b"QUIT\r\n")
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Reset the connection: whatever is still buffered, ours or the kernel's, is dropped.
+
+        A plain close() would send it all, the rest of a message and its final dot
+        included, after the client has been told 451 and will send the message again.
+        """
+        transport = self.writer.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+
+class _Transaction(SmtpEnvelope):
+    """aiosmtpd's envelope plus what the relay passes on: DSN parameters (RFC 3461)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # RET= and ENVID= as the client gave them.
+        self.dsn: list[str] = []
+        # NOTIFY= and ORCPT= of each recipient, in the order of rcpt_tos.
+        self.rcpt_dsn: list[list[str]] = []
+
+    def sender(self) -> str:
+        # aiosmtpd keeps the null sender as "<>".
+        return (self.mail_from or "").removeprefix("<").removesuffix(">")
+
+
+class _RecipientCheck:
+    """The session in which the next hop is asked about one transaction's recipients."""
+
+    def __init__(self, transaction: SmtpEnvelope) -> None:
+        self.transaction = transaction
+        self.session: _NextHopSession | None = None
+        # Whether MAIL has been said (and taken) in the session.
+        self.mail_said = False
+        # The next hop could not be asked: the relay after DATA answers for these recipients.
+        self.unavailable = False
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.quit_soon()
+            self.session = None
+            self.mail_said = False
+
+
 class _RelayFailure(Exception):
     """The next hop did not take the message; `reply` is what the client is told."""
 
@@ -503,6 +937,11 @@ class SmtpGateway:
         self._prefix = _FALLBACK_PREFIX
         self._warned_no_xforward = False
         self._spool_low_logged = -3600.0
+        # Whether the next hop offered DSN when last asked: then so do we (RFC 3461 asks a
+        # server that offers it to pass the parameters on, which only such a next hop takes).
+        self._next_hop_dsn = False
+        # Until when (loop time) recipient checks are skipped: the next hop could not be reached.
+        self._checks_resume = 0.0
 
     def _follow_up(self, result: Scan, held_id: str | None) -> None:
         """Guidance and alerts, queued in the background; the outbox sends them."""
@@ -526,6 +965,14 @@ class SmtpGateway:
             # aiosmtpd would call getfqdn() (a DNS lookup) for every connection, on the loop.
             self._hostname = await asyncio.to_thread(socket.getfqdn)
         left = await asyncio.to_thread(self.spool.prepare)
+        half_written = await asyncio.to_thread(self.spool.remove_half_written)
+        if half_written:
+            log.warning(
+                "removed %d half-written file(s) from %s left by processes that no longer exist",
+                half_written,
+                self.spool.tmp,
+                extra={"event": "spool_tmp_removed", "count": half_written, "pid": os.getpid()},
+            )
         if left:
             log.warning(
                 "%d message(s) in %s from an earlier run: their senders were not told 250 and will "
@@ -617,7 +1064,7 @@ class SmtpGateway:
             )
 
     async def stop(self) -> None:
-        """Stop accepting, let messages being handled finish (bounded wait), then close."""
+        """Stop accepting, let messages being handled finish (within stop_grace_seconds), then close."""
         self._stopping = True
         if self._server is not None:
             self._server.close()
@@ -625,10 +1072,15 @@ class SmtpGateway:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.config.stop_grace_seconds)
             except TimeoutError:
-                # Their clients are told nothing, so they keep the messages and retry.
+                # Their clients hear 421 instead of an answer, so they keep the messages and
+                # retry; a relay not yet past its final dot is reset, so nothing goes out.
                 log.warning("stopping with %d message(s) still being handled", self._in_flight)
         for connection in list(self._connections):
             connection.hang_up(f"421 4.3.2 {self._hostname} Service shutting down, try again later")
+        if self._in_flight and self._idle is not None:
+            # The hang-ups cancel those messages' handlers: let them clean up (spool files).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 5)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -651,6 +1103,8 @@ class SmtpGateway:
             timeout=self.config.timeout_seconds,
             hostname=self._hostname,
             ident="ESMTP school-milter",
+            # UTF-8 addresses (RFC 6531); passed on when the next hop offers it too.
+            enable_SMTPUTF8=True,
             # STARTTLS is offered when set; whether it is required is decided per client (smtp_MAIL).
             tls_context=self._tls_context,
             loop=asyncio.get_running_loop(),
@@ -691,9 +1145,13 @@ class SmtpGateway:
     ) -> list[str]:
         # With this hook aiosmtpd leaves recording the client's name to us.
         session.host_name = hostname
+        # No AUTH (see smtp_AUTH): aiosmtpd lists it once TLS is up.
+        offered = [line for line in responses[:-1] if not line[4:].upper().startswith("AUTH")]
         if server.xforward_allowed():
-            responses.insert(len(responses) - 1, "250-XFORWARD " + " ".join(_XFORWARD_ATTRIBUTES))
-        return responses
+            offered.append("250-XFORWARD " + " ".join(_XFORWARD_ATTRIBUTES))
+        if self._next_hop_dsn:
+            offered.append("250-DSN")
+        return [*offered, responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -703,6 +1161,8 @@ class SmtpGateway:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if not _utf8_address_ok(address, envelope.smtp_utf8):
+            return _MUST_DECLARE_UTF8
         declared = next((o[5:] for o in mail_options if o.startswith("SIZE=") and o[5:].isdigit()), "0")
         needed = self.config.spool_min_free + int(declared)
         if needed and self.spool.free_bytes() < needed:
@@ -719,6 +1179,35 @@ class SmtpGateway:
         # With this hook aiosmtpd leaves recording the sender to us.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        if isinstance(envelope, _Transaction):
+            # AUTH= is taken and dropped: we authenticate nobody to the next hop.
+            envelope.dsn = [f"{name}={value}" for name, value in server.parameters.items() if name != "AUTH"]
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: _GatewaySMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not _utf8_address_ok(address, envelope.smtp_utf8):
+            return _MUST_DECLARE_UTF8
+        dsn = [f"{name}={value}" for name, value in server.parameters.items()]
+        if isinstance(envelope, _Transaction):
+            # The client waits for us meanwhile: not idle.
+            server.pause_idle_timer()
+            try:
+                refusal = await self._check_recipient(server, envelope, address, dsn)
+            finally:
+                server.resume_idle_timer()
+            if refusal is not None:
+                return refusal
+            envelope.rcpt_dsn.append(dsn)
+        # With this hook aiosmtpd leaves recording the recipient to us.
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -733,13 +1222,16 @@ class SmtpGateway:
         return _tempfail("4.3.0", "Temporary problem in the mail gateway", reference)
 
     async def handle_DATA(self, server: _GatewaySMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        # The client's wait for its answer starts now (its final dot has just arrived).
+        deadline = asyncio.get_running_loop().time() + self.config.reply_deadline_seconds
         server.handling = True
         self._in_flight += 1
         if self._idle is not None:
             self._idle.clear()
         server.pause_idle_timer()
         try:
-            return await self._handle_message(server, session, envelope)
+            assert isinstance(envelope, _Transaction)  # _GatewaySMTP._create_envelope
+            return await self._handle_message(server, session, envelope, deadline)
         finally:
             server.resume_idle_timer()
 
@@ -766,7 +1258,7 @@ class SmtpGateway:
                 client_address,
             )
         return Envelope(
-            # aiosmtpd keeps the null sender as "<>"; the milter side (and aiosmtplib) want "".
+            # aiosmtpd keeps the null sender as "<>"; the milter side wants "".
             mail_from=(smtp_envelope.mail_from or "").removeprefix("<").removesuffix(">"),
             rcpt_to=tuple(smtp_envelope.rcpt_tos),
             client_address=client_address,
@@ -774,19 +1266,17 @@ class SmtpGateway:
             helo=forwarded.get("HELO", session.host_name),
             auth_user=_auth_user(session),
             queue_id=forwarded.get("IDENT"),
+            from_wire=True,
         )
 
     async def _handle_message(
-        self, server: _GatewaySMTP, session: Session, smtp_envelope: SmtpEnvelope
+        self, server: _GatewaySMTP, session: Session, transaction: _Transaction, deadline: float
     ) -> str:
-        raw = smtp_envelope.original_content or b""
+        raw = transaction.original_content or b""
         # aiosmtpd keeps the content on its envelope until we return; from here the
         # spool file is the copy of record and `raw` the only one in memory.
-        smtp_envelope.content = smtp_envelope.original_content = None
-        envelope = self._envelope(server, session, smtp_envelope)
-        body_type = next(
-            (o.partition("=")[2] for o in smtp_envelope.mail_options if o.upper().startswith("BODY=")), None
-        )
+        transaction.content = transaction.original_content = None
+        envelope = self._envelope(server, session, transaction)
         try:
             rules = self.rules_provider()
             self._prefix = rules.policy.reference_prefix
@@ -798,9 +1288,12 @@ class SmtpGateway:
         reference = new_reference(rules.policy.reference_prefix)
 
         path: Path | None = None
+        writing: asyncio.Task[Path] | None = None
         stage = "spool"
         try:
-            path = await asyncio.to_thread(self.spool.receive, reference, raw)
+            # Shielded: the write goes on in its thread even if we are cancelled (see below).
+            writing = asyncio.ensure_future(asyncio.to_thread(self.spool.receive, reference, raw))
+            path = await asyncio.shield(writing)
             stage = "scan"
             started = time.perf_counter()
             result = await asyncio.get_running_loop().run_in_executor(
@@ -826,13 +1319,32 @@ class SmtpGateway:
 
             stage = verdict.action.value
             reply, relay_tls = await self._carry_out(
-                verdict, envelope, raw, changes, body_type, path, reference
+                verdict,
+                envelope,
+                raw,
+                changes,
+                transaction,
+                path,
+                reference,
+                self._received(server, session, transaction, reference),
+                deadline,
             )
         except asyncio.CancelledError:
             # The client went away (or we are stopping) before hearing an answer: it still
-            # has the message and will send it again.
+            # has the message and will send it again, so nothing of it is kept.
+            if path is None and writing is not None:
+                # Cancelled mid-write: the thread writes on regardless; remove the file once it is there.
+                with contextlib.suppress(Exception):
+                    path = await writing
             if path is not None:
                 Spool.remove(path)
+            log.info(
+                "%s: the connection closed before the answer (at %s): nothing kept, the client "
+                "still has the message",
+                reference,
+                stage,
+                extra={"event": "client_gone"},
+            )
             raise
         except OSError as exc:
             if stage == "spool" and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -870,15 +1382,39 @@ class SmtpGateway:
         self._decided(verdict, envelope, seconds, result)
         return reply
 
+    def _received(
+        self, server: _GatewaySMTP, session: Session, transaction: _Transaction, reference: str
+    ) -> bytes:
+        """The Received: line for this hop (RFC 5321 4.4), for the top of the relayed copy.
+
+        It names the client as it connected to us: behind Postfix's content_filter that is
+        Postfix, whose own Received: line already names the client before it.
+        """
+        address = server.peer_address() or "unknown"
+        literal = f"IPv6:{address}" if ":" in address else address
+        tls = server.tls_version()
+        # RFC 3848 and RFC 6531 3.7.3: ESMTP, ESMTPS (TLS), UTF8SMTP(S) (SMTPUTF8 used).
+        protocol = "UTF8SMTP" if transaction.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
+        lines = [
+            f"Received: from {_trace_name(session.host_name)} ([{literal}])",
+            *([f"\t(using {tls})"] if tls else []),
+            f"\tby {_trace_name(self._hostname)} (school-milter) with {protocol}{'S' if tls else ''}"
+            f" id {reference};",
+            f"\t{email.utils.format_datetime(datetime.now(UTC))}",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
     async def _carry_out(
         self,
         verdict: Verdict,
         envelope: Envelope,
         raw: bytes,
         changes: list[Modification],
-        body_type: str | None,
+        transaction: _Transaction,
         path: Path,
         reference: str,
+        received: bytes,
+        deadline: float,
     ) -> tuple[str, str | None]:
         """Do what the verdict says: the reply for the client, and for a message the next hop
         took, the TLS version it went over ("none" for plain text). Raises only on a fault of ours."""
@@ -898,11 +1434,7 @@ class SmtpGateway:
             relay_tls: str | None = None
             try:
                 reply, relay_tls = await self._relay(
-                    apply_to_bytes(raw, changes),
-                    envelope.mail_from or "",
-                    envelope.rcpt_to,
-                    body_type,
-                    reference,
+                    received + apply_to_bytes(raw, changes), transaction, reference, deadline
                 )
             except _RelayFailure as failure:
                 # Refused or unreachable: the client keeps the message (4xx) or bounces it (5xx).
@@ -919,118 +1451,219 @@ class SmtpGateway:
             return format_reply(550, "5.7.1", refused), None
         return _tempfail("4.3.0", "Temporary problem while checking this message", reference), None
 
-    def _relay_client(self) -> aiosmtplib.SMTP:
-        config = self.config
-        return aiosmtplib.SMTP(
-            hostname=config.next_hop_host,
-            port=config.next_hop_port,
-            timeout=config.relay_timeout_seconds,
-            local_hostname=self._hostname,
-            # STARTTLS is done by _next_hop_session, which decides what a failure means.
-            start_tls=False,
-        )
+    # -- the next hop --
 
-    async def _next_hop_session(self, reference: str) -> tuple[aiosmtplib.SMTP, str | None]:
-        """A connected client that has said EHLO, over TLS as next_hop_tls says, and the TLS
-        version (None: plain text). aiosmtplib's errors as they come; _RelayFailure (a 451,
-        as for a next hop that is down) when TLS is required and cannot be had."""
+    def _within(self, timeout: float, deadline: float | None) -> float:
+        """A stage's timeout, cut short so that it ends by the deadline (if any)."""
+        if deadline is None:
+            return timeout
+        return max(0.0, min(timeout, deadline - asyncio.get_running_loop().time()))
+
+    async def _ehlo(self, session: _NextHopSession, deadline: float | None) -> None:
+        timeout = self._within(self.config.relay_command_timeout_seconds, deadline)
+        reply = await session.ehlo(self._hostname, timeout)
+        if not reply.positive:
+            raise _HopRefused("EHLO", reply)
+        self._next_hop_dsn = session.offers("DSN")
+
+    async def _next_hop_session(self, reference: str | None, deadline: float | None) -> _NextHopSession:
+        """A session with the next hop that has said EHLO, over TLS as next_hop_tls says.
+
+        _HopError, OSError and TimeoutError as they come; _RelayFailure (a 451, as for a next
+        hop that is down) when TLS is required and cannot be had. `reference` None: for a
+        recipient check, which logs nothing (the relay of the message will).
+        """
         config = self.config
-        client = self._relay_client()
-        await client.connect()
+        connect = self._within(config.relay_connect_timeout_seconds, deadline)
+        session = await _NextHopSession.open(config.next_hop_host, config.next_hop_port, connect)
         try:
-            await client.ehlo()
+            await self._ehlo(session, deadline)
             if self._relay_tls is None:
-                return client, None
-            if not client.supports_extension("starttls"):
+                return session
+            if not session.offers("STARTTLS"):
                 if config.next_hop_tls == "required":
-                    log.error(
-                        "%s: next hop %s:%d does not offer STARTTLS and next_hop_tls = required: not relayed",
-                        reference,
-                        config.next_hop_host,
-                        config.next_hop_port,
-                        extra={"event": "relay_tls_failed"},
-                    )
-                    raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference))
-                return client, None
+                    if reference:
+                        log.error(
+                            "%s: next hop %s:%d does not offer STARTTLS and next_hop_tls = required: "
+                            "not relayed",
+                            reference,
+                            config.next_hop_host,
+                            config.next_hop_port,
+                            extra={"event": "relay_tls_failed"},
+                        )
+                    raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference or "-"))
+                return session
             try:
-                await client.starttls(tls_context=self._relay_tls, server_hostname=config.next_hop_tls_name)
-                await client.ehlo()  # RFC 3207: what the server said before TLS no longer counts
-            except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+                name = config.next_hop_tls_name or config.next_hop_host
+                await session.starttls(
+                    self._relay_tls, name, self._within(config.relay_command_timeout_seconds, deadline)
+                )
+                await self._ehlo(session, deadline)  # RFC 3207: what it said before TLS no longer counts
+            except (ssl.SSLError, StartTlsRefused, _HopError, OSError, TimeoutError) as exc:
                 why = tls_failure(exc)
                 if config.next_hop_tls == "required":
-                    log.error(
-                        "%s: TLS with the next hop %s:%d failed (%s) and next_hop_tls = required: "
-                        "not relayed",
+                    if reference:
+                        log.error(
+                            "%s: TLS with the next hop %s:%d failed (%s) and next_hop_tls = required: "
+                            "not relayed",
+                            reference,
+                            config.next_hop_host,
+                            config.next_hop_port,
+                            why,
+                            extra={"event": "relay_tls_failed"},
+                        )
+                    unavailable = _tempfail("4.4.1", "Next hop unavailable", reference or "-")
+                    raise _RelayFailure(unavailable) from None
+                # Opportunistic: a next hop whose TLS is broken still gets its mail (as Postfix
+                # retries in plain text at security level "may"); nothing was sent yet.
+                if reference:
+                    log.warning(
+                        "%s: TLS with the next hop %s:%d failed (%s): relaying in plain text",
                         reference,
                         config.next_hop_host,
                         config.next_hop_port,
                         why,
-                        extra={"event": "relay_tls_failed"},
                     )
-                    raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference)) from None
-                # Opportunistic: a next hop whose TLS is broken still gets its mail (as Postfix
-                # retries in plain text at security level "may"); nothing was sent yet.
+                session.abort()
+                connect = self._within(config.relay_connect_timeout_seconds, deadline)
+                session = await _NextHopSession.open(config.next_hop_host, config.next_hop_port, connect)
+                await self._ehlo(session, deadline)
+            return session
+        except BaseException:
+            session.abort()
+            raise
+
+    @staticmethod
+    def _mail_command(
+        session: _NextHopSession, transaction: _Transaction, utf8: bool, size: int | None
+    ) -> bytes:
+        parameters: list[str] = []
+        body = next((o[5:] for o in transaction.mail_options if o.upper().startswith("BODY=")), None)
+        if body and session.offers("8BITMIME"):
+            parameters.append(f"BODY={body}")
+        if size is not None and session.offers("SIZE"):
+            parameters.append(f"SIZE={size}")
+        if utf8:
+            parameters.append("SMTPUTF8")
+        if session.offers("DSN"):
+            parameters.extend(transaction.dsn)
+        return _command(f"MAIL FROM:<{transaction.sender()}>", parameters, utf8)
+
+    @staticmethod
+    def _rcpt_command(session: _NextHopSession, recipient: str, dsn: list[str], utf8: bool) -> bytes:
+        return _command(f"RCPT TO:<{recipient}>", dsn if session.offers("DSN") else [], utf8)
+
+    async def _check_recipient(
+        self, server: _GatewaySMTP, transaction: _Transaction, address: str, dsn: list[str]
+    ) -> str | None:
+        """The next hop's refusal of this recipient, as the answer to the client's RCPT (see the
+        module's docstring); None when it takes the recipient or cannot be asked, and the
+        relay after DATA answers for it."""
+        check = server.recipient_check(transaction)
+        loop = asyncio.get_running_loop()
+        if check.unavailable or loop.time() < self._checks_resume:
+            return None
+        timeout = self.config.relay_command_timeout_seconds
+        try:
+            if check.session is None:
+                try:
+                    check.session = await self._next_hop_session(None, None)
+                except (_HopError, _RelayFailure, OSError, TimeoutError):
+                    self._checks_resume = loop.time() + _CHECK_BACKOFF_SECONDS
+                    raise
+            session = check.session
+            utf8 = transaction.smtp_utf8 and session.offers("SMTPUTF8")
+            if not utf8 and not (address.isascii() and transaction.sender().isascii()):
+                # Postfix bounces such a message; here the recipient is refused before it is sent.
+                return format_reply(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the next hop")
+            if not check.mail_said:
+                reply = await session.command(self._mail_command(session, transaction, utf8, None), timeout)
+                if not reply.positive:
+                    raise _HopRefused("MAIL", reply)  # the relay will meet it and answer for it
+                check.mail_said = True
+            reply = await session.command(self._rcpt_command(session, address, dsn, utf8), timeout)
+        except asyncio.CancelledError:
+            check.close()
+            raise
+        except (_HopError, _RelayFailure, OSError, TimeoutError, UnicodeError) as exc:
+            log.debug("recipient check not possible: %s", type(exc).__name__)
+            check.close()
+            check.unavailable = True
+            return None
+        if reply.code == 421:  # the next hop is closing: nothing more to learn from it
+            check.close()
+            check.unavailable = True
+            return None
+        if reply.positive:
+            return None
+        log.debug("the next hop refused a recipient: %d", reply.code)
+        return _next_hop_reply(reply, None)
+
+    async def _relay(
+        self, data: bytes, transaction: _Transaction, reference: str, deadline: float
+    ) -> tuple[str, str]:
+        """Send the message to the next hop: its acceptance as our 250 and the TLS version
+        used ("none": plain text), else _RelayFailure. Each stage has its own timeout, and
+        all end by `deadline`; see the module's docstring."""
+        config = self.config
+        session: _NextHopSession | None = None
+        delivered = False
+        try:
+            session = await self._next_hop_session(reference, deadline)
+            utf8 = transaction.smtp_utf8 and session.offers("SMTPUTF8")
+            if not utf8 and _needs_smtputf8(transaction, data):
+                # As Postfix: the message cannot go on without it, and never will (RFC 6531 3.5).
+                required = "SMTPUTF8 is required, but was not offered by the next hop"
+                raise _RelayFailure(format_reply(554, "5.6.7", f"{required}. Reference {reference}."))
+            command = config.relay_command_timeout_seconds
+            reply = await session.command(
+                self._mail_command(session, transaction, utf8, len(data)), self._within(command, deadline)
+            )
+            if not reply.positive:
+                raise _RelayFailure(_next_hop_reply(reply, reference))
+            refused: list[tuple[str, _Reply]] = []
+            for recipient, dsn in zip(transaction.rcpt_tos, transaction.rcpt_dsn, strict=True):
+                reply = await session.command(
+                    self._rcpt_command(session, recipient, dsn, utf8), self._within(command, deadline)
+                )
+                if not reply.positive:
+                    refused.append((recipient, reply))
+            if refused:
+                raise _RelayFailure(self._refused_reply(refused, len(transaction.rcpt_tos), reference))
+            reply = await session.command(b"DATA", self._within(command, deadline))
+            if reply.code != 354:
+                raise _RelayFailure(_next_hop_reply(reply, reference))
+            reply = await session.send_message(
+                data,
+                stall=config.relay_stall_timeout_seconds,
+                final_reply=config.relay_final_reply_timeout_seconds,
+                # The final reply gets at least a command's time, or the dot is kept back.
+                reserve=min(command, config.relay_final_reply_timeout_seconds),
+                deadline=deadline,
+            )
+            if not reply.positive:
+                raise _RelayFailure(_next_hop_reply(reply, reference))
+            delivered = True
+            # The message is the next hop's: a QUIT it does not answer changes nothing.
+            session.quit_soon()
+        except _RelayFailure:
+            raise
+        except _HopRefused as exc:
+            # A next hop that will not talk to us at all is a set-up fault, not this message's.
+            log.error("%s: next hop refused the connection: %d", reference, exc.reply.code)
+            raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference)) from None
+        except (_HopError, OSError, TimeoutError, UnicodeError) as exc:
+            if session is not None and session.dot_sent:
                 log.warning(
-                    "%s: TLS with the next hop %s:%d failed (%s): relaying in plain text",
+                    "%s: no answer from the next hop %s:%d to the end of the message in time: the "
+                    "client is told to retry, and the next hop may have the message, so it may be "
+                    "delivered twice",
                     reference,
                     config.next_hop_host,
                     config.next_hop_port,
-                    why,
+                    extra={"event": "relay_unconfirmed"},
                 )
-                client.close()
-                client = self._relay_client()
-                await client.connect()
-                await client.ehlo()
-                return client, None
-            return client, negotiated_version(client.get_transport_info("ssl_object")) or "TLS"
-        except BaseException:
-            client.close()
-            raise
-
-    async def _relay(
-        self, data: bytes, sender: str, recipients: Sequence[str], body_type: str | None, reference: str
-    ) -> tuple[str, str]:
-        """Send the message to the next hop: its acceptance as our 250 and the TLS version
-        used ("none": plain text), else _RelayFailure."""
-        config = self.config
-        unavailable = "Next hop unavailable"
-        tls: str | None = None
-        try:
-            async with asyncio.timeout(config.relay_timeout_seconds):
-                client, tls = await self._next_hop_session(reference)
-                try:
-                    options = []
-                    if body_type and client.supports_extension("8bitmime"):
-                        options.append(f"BODY={body_type}")
-                    if client.supports_extension("size"):
-                        options.append(f"SIZE={len(data)}")
-                    await client.mail(sender, options=options)
-                    refused: list[aiosmtplib.SMTPRecipientRefused] = []
-                    for recipient in recipients:
-                        try:
-                            await client.rcpt(recipient)
-                        except aiosmtplib.SMTPRecipientRefused as exc:
-                            refused.append(exc)
-                    if refused:
-                        raise _RelayFailure(self._refused_reply(refused, len(recipients), reference))
-                    response = await client.data(data)
-                    # Polite, but the message is already the next hop's: a failed QUIT changes nothing.
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.quit(), 2)
-                finally:
-                    # After a refusal or a fault, just hang up: a QUIT could land inside DATA.
-                    client.close()
-        except _RelayFailure:
-            raise
-        except (aiosmtplib.SMTPConnectResponseError, aiosmtplib.SMTPHeloError) as exc:
-            # A next hop that will not talk to us at all is a set-up fault, not this message's.
-            log.error("%s: next hop refused the connection: %d", reference, exc.code)
-            raise _RelayFailure(_tempfail("4.4.1", unavailable, reference)) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            if 400 <= exc.code < 600:
-                raise _RelayFailure(_next_hop_reply(exc.code, exc.message, reference)) from None
-            raise _RelayFailure(_tempfail("4.4.1", unavailable, reference)) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise _RelayFailure(_tempfail("4.4.2", "No answer from the next hop", reference)) from None
             log.warning(
                 "%s: next hop %s:%d unavailable: %s",
                 reference,
@@ -1038,28 +1671,48 @@ class SmtpGateway:
                 config.next_hop_port,
                 type(exc).__name__,
             )
-            raise _RelayFailure(_tempfail("4.4.1", unavailable, reference)) from None
+            if session is not None and isinstance(exc, TimeoutError):
+                # Given up mid-way, with the connection reset: the next hop has no message.
+                raise _RelayFailure(_tempfail("4.4.2", "Next hop too slow", reference)) from None
+            raise _RelayFailure(_tempfail("4.4.1", "Next hop unavailable", reference)) from None
+        except asyncio.CancelledError:
+            if session is not None and session.dot_sent and not delivered:
+                log.warning(
+                    "%s: the connection closed while the next hop had the end of the message: it "
+                    "may be delivered twice",
+                    reference,
+                    extra={"event": "relay_unconfirmed"},
+                )
+            raise
+        finally:
+            if session is not None and not delivered:
+                # Never close(): it would still send what is buffered, the final dot included.
+                session.abort()
         log.debug(
             "%s: relayed to the next hop over %s",
             reference,
-            tls or "plain text",
-            extra={"event": "relayed", "reference": reference, "tls": tls or "none"},
+            session.tls or "plain text",
+            extra={"event": "relayed", "reference": reference, "tls": session.tls or "none"},
         )
-        said = _ascii_line(response.message)[:120]
-        reply = format_reply(250, "2.0.0", f"Delivered to the next hop ({said}); reference {reference}.")
-        return reply, tls or "none"
+        said = _ascii_line(reply.text)[:120]
+        return (
+            format_reply(250, "2.0.0", f"Delivered to the next hop ({said}); reference {reference}."),
+            session.tls or "none",
+        )
 
     @staticmethod
-    def _refused_reply(refused: list[aiosmtplib.SMTPRecipientRefused], total: int, reference: str) -> str:
-        permanent = [exc for exc in refused if exc.code >= 500]
+    def _refused_reply(refused: list[tuple[str, _Reply]], total: int, reference: str) -> str:
+        """When the next hop refuses recipients as the message is relayed (its recipient check
+        said otherwise, or could not be made): nothing is sent, see the module's docstring."""
+        permanent = [reply for _, reply in refused if reply.code >= 500]
         if len(refused) == total and len(permanent) == total:
-            return _next_hop_reply(permanent[0].code, permanent[0].message, reference)
+            return _next_hop_reply(permanent[0], reference)
         if len(refused) == total:
-            first = next(exc for exc in refused if exc.code < 500)
-            return _next_hop_reply(first.code, first.message, reference)
-        # Some recipients accepted, some not: one DATA reply cannot say both, and a 5xx
-        # would bounce the good ones. Nothing is sent; the client retries all of them.
-        codes = ", ".join(f"{exc.recipient} {exc.code}" for exc in refused[:3])
+            first = next(reply for _, reply in refused if reply.code < 500)
+            return _next_hop_reply(first, reference)
+        # Some recipients taken, some not: one DATA reply cannot say both, and a 5xx would
+        # bounce the good ones. Nothing is sent; the client retries all of them.
+        codes = ", ".join(f"{recipient} {reply.code}" for recipient, reply in refused[:3])
         return _tempfail(
             "4.4.0", f"The next hop refused some recipients ({codes}); nothing was delivered", reference
         )

@@ -13,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-import aiosmtplib
 from cryptography import x509
 
 NextHopTls = Literal["opportunistic", "required", "off"]
@@ -24,6 +23,14 @@ EXPIRY_WARNING_DAYS = 14
 
 class TlsSetupError(Exception):
     """A certificate, key or CA file that cannot be used; the text names the file and why."""
+
+
+class StartTlsRefused(Exception):
+    """The next hop answered STARTTLS with something other than 220."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"STARTTLS answered {code}")
+        self.code = code
 
 
 class _EncryptedKey(Exception):
@@ -108,7 +115,7 @@ def tls_failure(exc: BaseException) -> str:
         return f"certificate not accepted: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error {exc.reason or exc.library or type(exc).__name__}"
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+    if isinstance(exc, StartTlsRefused):
         return f"STARTTLS answered {exc.code}"
     return type(exc).__name__
 

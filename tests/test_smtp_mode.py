@@ -7,12 +7,15 @@ speak SMTP from the test thread, as a mail server in front of the gateway would.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
+import email.utils
 import json
 import logging
 import os
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -45,7 +48,7 @@ from milter.smtp_mode import (
 from milter.smtp_tls import TlsSetupError, relay_tls_context, server_tls_context
 from milter.store import Store
 from milter.verdict import Verdict
-from tests.conftest import fill_disk
+from tests.conftest import REPO, fill_disk
 from tests.mail import build
 from tests.tls_certs import ServerCert, TestCA
 
@@ -79,8 +82,16 @@ class NextHop:
 
     def __init__(self) -> None:
         self.received: list[tuple[str, list[str], bytes]] = []
+        # For each message received, the MAIL parameters it came with.
+        self.mail_options: list[list[str]] = []
         self.data_reply: str | None = None
         self.refuse_rcpt: dict[str, str] = {}
+        # Recipients refused only from the second time they are given (a next hop that changed
+        # its mind between the gateway's recipient check and its relay of the message).
+        self.refuse_rcpt_later: dict[str, str] = {}
+        self.rcpt_seen: collections.Counter[str] = collections.Counter()
+        # At most this many recipients per transaction (452 4.5.3 for the rest, RFC 5321 4.5.3.1.10).
+        self.max_rcpt: int | None = None
         # When set, DATA is answered only once the gate opens: a message held in flight.
         self.gate: threading.Event | None = None
         # For each message received, the TLS version of its session ("TLSv1.3"), or None: plain text.
@@ -89,8 +100,13 @@ class NextHop:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
     ) -> str:
+        self.rcpt_seen[address] += 1
         if address in self.refuse_rcpt:
             return self.refuse_rcpt[address]
+        if address in self.refuse_rcpt_later and self.rcpt_seen[address] > 1:
+            return self.refuse_rcpt_later[address]
+        if self.max_rcpt is not None and len(envelope.rcpt_tos) >= self.max_rcpt:
+            return "452 4.5.3 Error: too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -101,11 +117,111 @@ class NextHop:
             return self.data_reply
         assert envelope.mail_from is not None and envelope.original_content is not None
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.mail_options.append(list(envelope.mail_options))
         ssl_object = (
             server.transport.get_extra_info("ssl_object") if session.ssl and server.transport else None
         )
         self.tls.append(ssl_object.version() if ssl_object else None)
         return "250 2.0.0 Ok: queued as NEXT1"
+
+
+class RawHop:
+    """A next hop spoken to byte by byte, on a loop thread of its own: it keeps every command
+    line and every message whose final dot arrived, and can be told to read messages slowly
+    (read_rate), not to read them until `reading` is set, never to answer DATA, or to answer
+    a final dot late."""
+
+    def __init__(
+        self, extensions: tuple[str, ...] = ("8BITMIME",), receive_buffer: int | None = None
+    ) -> None:
+        self.extensions = extensions
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+        # Bytes received of each message whose connection ended before its final dot.
+        self.cut_short: list[int] = []
+        self.read_rate: float | None = None
+        self.reading = threading.Event()
+        self.reading.set()
+        self.answer_data = True
+        self.final_reply_delay = 0.0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        sock = socket.socket()
+        if receive_buffer:  # inherited by accepted connections: the kernel buffers little
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind(("127.0.0.1", 0))
+        self.port = int(sock.getsockname()[1])
+        self.server = asyncio.run_coroutine_threadsafe(self._start(sock), self.loop).result(10)
+
+    async def _start(self, sock: socket.socket) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, sock=sock)
+
+    def data_commands(self) -> int:
+        return sum(1 for line in self.commands if line.upper() == b"DATA")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 rawhop.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                self.commands.append(line.rstrip(b"\r\n"))
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    lines = [b"rawhop.test", *(e.encode() for e in self.extensions)]
+                    writer.write(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]))
+                    writer.write(b"250 " + lines[-1] + b"\r\n")
+                elif verb == b"DATA":
+                    if not self.answer_data:
+                        await asyncio.sleep(60)
+                    writer.write(b"354 go ahead\r\n")
+                    if not await self._message(reader):
+                        return
+                    await asyncio.sleep(self.final_reply_delay)
+                    writer.write(b"250 2.0.0 Ok: queued as RAW1\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _message(self, reader: asyncio.StreamReader) -> bool:
+        data = bytearray()
+        try:
+            while not data.endswith(b"\r\n.\r\n"):
+                if not self.reading.is_set():
+                    await asyncio.to_thread(self.reading.wait, 30)
+                chunk = await reader.read(4096 if self.read_rate else 65536)
+                if not chunk:
+                    break
+                data += chunk
+                if self.read_rate:
+                    await asyncio.sleep(len(chunk) / self.read_rate)
+        except ConnectionError:
+            pass
+        if data.endswith(b"\r\n.\r\n"):
+            self.messages.append(bytes(data))
+            return True
+        self.cut_short.append(len(data))
+        return False
+
+    async def _stop(self) -> None:
+        self.server.close()
+        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+
+    def close(self) -> None:
+        self.reading.set()
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
 
 
 def free_port() -> int:
@@ -125,10 +241,13 @@ class Running:
         next_hop_down: bool = False,
         followup: FollowUp | None = None,
         next_hop_tls_context: ssl.SSLContext | None = None,
+        next_hop_smtputf8: bool = False,
+        hop_port: int | None = None,
         **config: Any,
     ) -> None:
         # The next hop offers STARTTLS with this; read for each connection, so a test can change it.
         self.next_hop_tls_context = next_hop_tls_context
+        self.next_hop_smtputf8 = next_hop_smtputf8
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -136,7 +255,7 @@ class Running:
         self.next_hop_server: asyncio.Server | None = None
         if next_hop_down:
             hop_port = free_port()
-        else:
+        elif hop_port is None:  # else another next hop of the test's own (RawHop)
             self.next_hop_server = self.run(self._serve_next_hop())
             hop_port = int(self.next_hop_server.sockets[0].getsockname()[1])
         self.spool = spool
@@ -157,7 +276,11 @@ class Running:
         loop = asyncio.get_running_loop()
         return await loop.create_server(
             lambda: SMTP(
-                self.next_hop, hostname="nexthop.test", tls_context=self.next_hop_tls_context, loop=loop
+                self.next_hop,
+                hostname="nexthop.test",
+                tls_context=self.next_hop_tls_context,
+                enable_SMTPUTF8=self.next_hop_smtputf8,
+                loop=loop,
             ),
             "127.0.0.1",
             0,
@@ -228,6 +351,34 @@ def start(rules: Rules, tmp_path: Path) -> Iterator[Callable[..., Running]]:
 @pytest.fixture
 def gateway(start: Callable[..., Running]) -> Running:
     return start()
+
+
+@pytest.fixture
+def raw_hop() -> Iterator[Callable[..., RawHop]]:
+    started: list[RawHop] = []
+
+    def _raw_hop(**kwargs: Any) -> RawHop:
+        hop = RawHop(**kwargs)
+        started.append(hop)
+        return hop
+
+    yield _raw_hop
+    for hop in started:
+        hop.close()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def big_message(megabytes: float) -> bytes:
+    """Clean mail of about this size, in long lines (fewer for aiosmtpd to read one by one)."""
+    line = b"Minutes of the meeting, item by item. " * 24 + b"\r\n"
+    head = crlf(build(STAFF, STAFF2, "Minutes", None)).rstrip(b"\r\n") + b"\r\n\r\n"
+    return head + line * int(megabytes * 1_000_000 / len(line))
 
 
 # --- what each verdict does ----------------------------------------------------------------
@@ -408,13 +559,83 @@ def test_an_oversized_message_is_refused_with_552(start: Callable[..., Running])
     assert gateway.next_hop.received == [] and gateway.files("incoming") == []
 
 
-def test_a_client_that_says_nothing_is_dropped_after_the_timeout(start: Callable[..., Running]) -> None:
+def test_a_client_that_says_nothing_is_told_421_and_dropped_after_the_timeout(
+    start: Callable[..., Running],
+) -> None:
     gateway = start(timeout_seconds=0.3)
     with socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=5) as sock:
         assert sock.recv(1024).startswith(b"220 gateway.test")
         started = time.monotonic()
-        assert sock.recv(1024) == b""  # closed by the gateway
+        # Told why (RFC 5321 3.8), so it knows to come back, then closed by the gateway.
+        assert sock.recv(1024) == b"421 4.4.2 gateway.test Error: timeout exceeded\r\n"
+        assert sock.recv(1024) == b""
         assert time.monotonic() - started < 3
+
+
+def test_a_slow_but_steady_client_is_not_cut_off_mid_message(start: Callable[..., Running]) -> None:
+    gateway = start(timeout_seconds=0.6)
+    raw = crlf(build(STAFF, STAFF2, "Rota", "".join(f"Line {n} of the rota.\n" for n in range(8))))
+    with gateway.client() as client:
+        client.mail(STAFF)
+        client.rcpt(STAFF2)
+        assert client.docmd("DATA")[0] == 354
+        started = time.monotonic()
+        # A piece every 0.2 s for 1.6 s: never idle for the timeout, though the whole message
+        # takes more than twice as long.
+        step = len(raw) // 8 + 1
+        for start_at in range(0, len(raw), step):
+            client.send(raw[start_at : start_at + step])
+            time.sleep(0.2)
+        client.send(b".\r\n")
+        code, reply = client.getreply()
+        assert time.monotonic() - started > 1.5
+    assert code == 250, reply
+    [(_, _, relayed)] = gateway.next_hop.received
+    assert body_of(relayed) == body_of(raw)
+
+
+def test_a_client_that_stops_mid_message_is_told_421_and_nothing_is_kept(
+    start: Callable[..., Running],
+) -> None:
+    gateway = start(timeout_seconds=0.3)
+    with gateway.client() as client:
+        client.mail(STAFF)
+        client.rcpt(STAFF2)
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: Rota\r\n\r\nThe first half of a message")
+        assert client.getreply() == (421, b"4.4.2 gateway.test Error: timeout exceeded")
+    assert gateway.next_hop.received == [] and gateway.files("incoming") == []
+
+
+def test_a_client_that_hangs_up_after_its_final_dot_leaves_nothing_behind(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The spool write is still going when the client's hang-up cancels the message's handling.
+    real_receive = Spool.receive
+    writing = threading.Event()
+
+    def slow_receive(spool: Spool, reference: str, raw: bytes) -> Path:
+        writing.set()
+        time.sleep(0.5)
+        return real_receive(spool, reference, raw)
+
+    monkeypatch.setattr(Spool, "receive", slow_receive)
+    with caplog.at_level(logging.INFO, logger="milter.smtp_mode"):
+        with gateway.client() as client:
+            client.mail(STAFF)
+            client.rcpt(STAFF2)
+            assert client.docmd("DATA")[0] == 354
+            client.send(crlf(build(STAFF, STAFF2, "Rota", "Hello")) + b".\r\n")
+            assert writing.wait(5)
+            client.sock.shutdown(socket.SHUT_RDWR)  # gone before hearing 250
+        wait_until(lambda: any(getattr(r, "event", None) == "client_gone" for r in caplog.records))
+        time.sleep(0.2)
+
+    # The client never heard 250, so it still has the message: no copy is kept or delivered.
+    assert gateway.files("incoming") == [] and gateway.files("tmp") == []
+    assert gateway.next_hop.received == [] and gateway.decisions == []
+    [gone] = [r for r in caplog.records if getattr(r, "event", None) == "client_gone"]
+    assert REFERENCE.search(gone.getMessage()) and STAFF not in gone.getMessage()
 
 
 def test_connections_over_the_limit_are_told_to_come_back(start: Callable[..., Running]) -> None:
@@ -425,11 +646,141 @@ def test_connections_over_the_limit_are_told_to_come_back(start: Callable[..., R
             assert second.recv(1024).startswith(b"421 4.7.0")
 
 
+# --- SMTPUTF8, DSN, AUTH, Received ----------------------------------------------------------
+
+UTF8_SENDER = "müller@redborne.example"
+UTF8_RECIPIENT = "josé@redborne.example"
+
+
+def utf8_client(gateway: Running) -> smtplib.SMTP:
+    client = gateway.client()
+    client.command_encoding = "utf-8"  # smtplib's own choice only inside sendmail()
+    return client
+
+
+def test_utf8_addresses_are_taken_with_smtputf8_and_passed_on(start: Callable[..., Running]) -> None:
+    gateway = start(next_hop_smtputf8=True)
+    raw = crlf(build(UTF8_SENDER, UTF8_RECIPIENT, "Café", "Bonjour")).replace(
+        b"Subject: =?utf-8?q?Caf=C3=A9?=", "Subject: Café".encode()
+    )
+    assert "Subject: Café".encode() in raw
+
+    with utf8_client(gateway) as client:
+        assert client.has_extn("smtputf8")
+        assert client.mail(UTF8_SENDER, ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+        assert client.rcpt(UTF8_RECIPIENT)[0] == 250
+        code, reply = client.data(raw)
+
+    assert code == 250, reply
+    [(mail_from, rcpts, relayed)] = gateway.next_hop.received
+    assert (mail_from, rcpts) == (UTF8_SENDER, [UTF8_RECIPIENT])
+    assert "SMTPUTF8" in gateway.next_hop.mail_options[0]
+    assert "Subject: Café".encode() in relayed
+
+
+def test_utf8_needed_and_the_next_hop_without_smtputf8_is_refused_as_postfix_would(
+    gateway: Running,
+) -> None:
+    with utf8_client(gateway) as client:
+        # A UTF-8 address without declaring SMTPUTF8 (RFC 6531 3.4).
+        assert client.docmd("MAIL", f"FROM:<{UTF8_SENDER}>") == (
+            553,
+            b"5.6.7 Must declare SMTPUTF8 to send unicode address",
+        )
+        # Declared, but the next hop cannot take a UTF-8 address: refused for that recipient.
+        assert client.mail(STAFF, ["SMTPUTF8"])[0] == 250
+        code, text = client.rcpt(UTF8_RECIPIENT)
+        assert (code, text.split(b"\n")[0]) == (
+            553,
+            b"5.6.7 SMTPUTF8 is required, but was not offered by the next hop",
+        )
+        assert client.rcpt(STAFF2)[0] == 250
+        # ASCII addresses but a UTF-8 header: refused after DATA, as Postfix bounces it.
+        utf8_header = crlf(build(STAFF, STAFF2, "Rota", "Hello")).replace(
+            b"Subject: Rota", "Subject: Caf\u00e9".encode()
+        )
+        code, reply = client.data(utf8_header)
+        assert code == 554 and reply.startswith(b"5.6.7 SMTPUTF8 is required, but was not offered"), reply
+        # Declared but not needed (all ASCII): relayed without it.
+        assert transaction_with(client, ["SMTPUTF8"], crlf(build(STAFF, STAFF2, "Rota", "Hello")))[0] == 250
+    [(_, rcpts, _)] = gateway.next_hop.received
+    assert rcpts == [STAFF2] and "SMTPUTF8" not in gateway.next_hop.mail_options[0]
+
+
+def transaction_with(client: smtplib.SMTP, mail_options: list[str], raw: bytes) -> tuple[int, bytes]:
+    assert client.mail(STAFF, mail_options)[0] == 250
+    assert client.rcpt(STAFF2)[0] == 250
+    return client.data(raw)
+
+
+def test_dsn_parameters_are_taken_and_passed_on_to_a_next_hop_that_offers_dsn(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop]
+) -> None:
+    hop = raw_hop(extensions=("8BITMIME", "DSN", "SIZE 100000000"))
+    gateway = start(hop_port=hop.port)
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello"))
+
+    with gateway.client() as client:
+        assert client.mail(STAFF, ["RET=HDRS", "ENVID=QQ+2B314", "AUTH=<>"])[0] == 250
+        assert (
+            client.rcpt(STAFF2, ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;A.Patel@redborne.example"])[0] == 250
+        )
+        code, reply = client.data(raw)
+        assert code == 250, reply
+        # Once the next hop has been seen to offer DSN, so does the gateway.
+        client.ehlo()
+        assert client.has_extn("dsn")
+        # A parameter that is not what RFC 3461 says is refused, not passed on.
+        client.rset()
+        assert client.mail(STAFF)[0] == 250
+        assert client.rcpt(STAFF2, ["NOTIFY=SOMETIMES"]) == (501, b"5.5.4 Bad NOTIFY parameter")
+
+    relayed = hop.commands[hop.commands.index(b"DATA") - 2 :][:2]
+    assert relayed == [
+        f"MAIL FROM:<{STAFF}> SIZE={len(hop.messages[0]) - 3} RET=HDRS ENVID=QQ+2B314".encode(),
+        f"RCPT TO:<{STAFF2}> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A.Patel@redborne.example".encode(),
+    ]
+
+
+def test_dsn_and_auth_parameters_are_taken_when_the_next_hop_does_not_offer_dsn(gateway: Running) -> None:
+    with gateway.client() as client:
+        assert not client.has_extn("dsn")  # the next hop does not offer it
+        assert client.mail(STAFF, ["RET=FULL", "ENVID=abc", "AUTH=<>"])[0] == 250
+        assert client.rcpt(STAFF2, ["NOTIFY=NEVER"])[0] == 250
+        code, reply = client.data(crlf(build(STAFF, STAFF2, "Rota", "Hello")))
+    # Relayed without them: this next hop would refuse them (555).
+    assert code == 250, reply
+    assert len(gateway.next_hop.received) == 1
+
+
+def test_relayed_mail_gets_a_received_line_on_top(gateway: Running) -> None:
+    raw = crlf(build(STAFF, STAFF2, "Rota", "Hello"))
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250, reply
+    [(_, _, relayed)] = gateway.next_hop.received
+    reference = gateway.decisions[0][0].reference
+    trace = re.match(
+        rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+        rb"\tby gateway\.test \(school-milter\) with ESMTP id (RB-[0-9A-Z]{4}-[0-9A-Z]{4});\r\n"
+        rb"\t([^\r\n]+)\r\n",
+        relayed,
+    )
+    assert trace, relayed[:300]
+    assert trace.group(1).decode() == reference
+    stamped = email.utils.parsedate_to_datetime(trace.group(2).decode())
+    assert abs(stamped.timestamp() - time.time()) < 60
+    # Then the policy header and the message as it was sent.
+    policy_header, _, rest = relayed[trace.end() :].partition(b"\r\n")
+    assert policy_header.startswith(b"X-School-Policy: accept;") and rest == raw
+
+
 # --- nothing is lost --------------------------------------------------------------------------
 
 
 def test_next_hop_down_is_a_temporary_failure(start: Callable[..., Running]) -> None:
-    gateway = start(next_hop_down=True, relay_timeout_seconds=2)
+    gateway = start(next_hop_down=True, relay_connect_timeout_seconds=2)
     raw = build(STAFF, STAFF2, "Rota", "Hello")
 
     code, reply = gateway.send(raw, STAFF, [STAFF2])
@@ -441,26 +792,176 @@ def test_next_hop_down_is_a_temporary_failure(start: Callable[..., Running]) -> 
 
 
 @pytest.mark.parametrize(
-    ("data_reply", "refuse_rcpt", "expect"),
+    ("data_reply", "expect"),
     [
-        ("554 5.7.1 Rejected by the next hop", {}, (554, "5.7.1 Rejected by the next hop")),
-        ("452 4.3.1 Insufficient system storage", {}, (452, "4.3.1 Insufficient system storage")),
-        (None, {STAFF2: "550 5.1.1 User unknown"}, (550, "5.1.1 User unknown")),
-        # One good recipient, one refused: a 5xx would bounce the good one too.
-        (None, {"x@redborne.example": "550 5.1.1 User unknown"}, (451, "4.4.0 The next hop refused some")),
+        ("554 5.7.1 Rejected by the next hop", (554, "5.7.1 Rejected by the next hop")),
+        ("452 4.3.1 Insufficient system storage", (452, "4.3.1 Insufficient system storage")),
     ],
 )
-def test_a_next_hop_refusal_is_passed_back(
-    gateway: Running, data_reply: str | None, refuse_rcpt: dict[str, str], expect: tuple[int, str]
+def test_a_next_hop_refusal_of_the_message_is_passed_back(
+    gateway: Running, data_reply: str, expect: tuple[int, str]
 ) -> None:
     gateway.next_hop.data_reply = data_reply
-    gateway.next_hop.refuse_rcpt = refuse_rcpt
-    rcpts = [STAFF2, *refuse_rcpt] if STAFF2 not in refuse_rcpt else [STAFF2]
 
-    code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, rcpts)
+    code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
 
     assert (code, reply[: len(expect[1])]) == expect
     assert REFERENCE.search(reply.splitlines()[-1])
+    assert gateway.next_hop.received == []
+
+
+# --- a slow or stuck next hop: a timeout for each stage, never a duplicate ---------------------
+
+
+def test_a_next_hop_that_stops_taking_the_message_never_gets_it_and_the_client_retries(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop]
+) -> None:
+    # A next hop that takes the first few MB (kernel buffers) and then nothing more.
+    hop = raw_hop(receive_buffer=16384)
+    hop.reading.clear()
+    gateway = start(hop_port=hop.port, relay_stall_timeout_seconds=0.5, relay_final_reply_timeout_seconds=2)
+    # More than the kernel can buffer on the gateway's side (tcp_wmem's maximum, 4 MB here).
+    send_buffer = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    raw = big_message(max(6, (send_buffer + 2_000_000) / 1_000_000))
+
+    started = time.monotonic()
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    # Given up after the stall, not after a total time; the client keeps the message.
+    assert code == 451 and reply.startswith("4.4.2 Next hop too slow"), reply
+    assert time.monotonic() - started < 10
+    # The next hop wakes up and reads all it was ever sent: never the rest nor the final dot,
+    # so the client's retry will be the only copy delivered.
+    hop.reading.set()
+    wait_until(lambda: hop.messages or hop.cut_short, timeout=10)
+    assert hop.messages == [] and hop.cut_short[0] < len(raw)
+    assert gateway.files("incoming") == []
+
+
+def test_a_next_hop_slow_to_read_and_to_answer_gets_the_message_once(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop]
+) -> None:
+    # It reads 300 KB at 200 KB/s, then answers the final dot a second later: far longer than
+    # any one command may take, but it never stops making progress.
+    hop = raw_hop()
+    hop.read_rate = 200_000
+    hop.final_reply_delay = 1.0
+    gateway = start(hop_port=hop.port, relay_command_timeout_seconds=0.3, relay_stall_timeout_seconds=0.5)
+    raw = big_message(0.3)
+
+    started = time.monotonic()
+    code, reply = gateway.send(raw, STAFF, [STAFF2])
+
+    assert code == 250 and "queued as RAW1" in reply, reply
+    assert time.monotonic() - started > 1.5
+    [message] = hop.messages
+    assert message.endswith(body_of(raw) + b".\r\n")
+
+
+def test_the_client_hears_its_answer_by_the_reply_deadline_whatever_the_next_hop_does(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The next hop takes the message but answers its final dot after 3 s; the client (Postfix:
+    # smtp_data_done_timeout) would give up before that, so the gateway answers first.
+    hop = raw_hop()
+    hop.final_reply_delay = 3.0
+    gateway = start(hop_port=hop.port, relay_command_timeout_seconds=0.2, reply_deadline_seconds=1.0)
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"):
+        code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+
+    assert code == 451 and reply.startswith("4.4.2 No answer from the next hop"), reply
+    assert 0.9 < time.monotonic() - started < 2.5
+    # The one case where a retry may be a second copy: said so in the log, with the reference.
+    [warning] = [r for r in caplog.records if getattr(r, "event", None) == "relay_unconfirmed"]
+    assert gateway.decisions[0][0].reference in warning.getMessage()
+    assert "delivered twice" in warning.getMessage()
+
+
+def test_a_next_hop_that_never_answers_data_is_given_up_on_after_the_command_timeout(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop]
+) -> None:
+    hop = raw_hop()
+    hop.answer_data = False
+    gateway = start(hop_port=hop.port, relay_command_timeout_seconds=0.5)
+
+    started = time.monotonic()
+    code, reply = gateway.send(build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+
+    assert code == 451 and reply.startswith("4.4.2 Next hop too slow"), reply
+    assert time.monotonic() - started < 2
+    assert hop.messages == []
+
+
+# --- recipients the next hop refuses ------------------------------------------------------------
+
+UNKNOWN = "nobody@redborne.example"
+BUSY = "busy@redborne.example"
+
+
+def test_each_recipient_the_next_hop_refuses_is_refused_alone_and_the_others_get_the_message_once(
+    gateway: Running,
+) -> None:
+    gateway.next_hop.refuse_rcpt = {UNKNOWN: "550 5.1.1 User unknown", BUSY: "450 4.2.1 Mailbox busy"}
+
+    with gateway.client() as client:
+        # The client hears the next hop's answer for each recipient, as an MTA needs to bounce
+        # the unknown one, retry the busy one later, and deliver the message to the rest now.
+        refused = client.sendmail(STAFF, [STAFF2, UNKNOWN, BUSY], crlf(build(STAFF, STAFF2, "Rota", "Hello")))
+
+    assert refused == {
+        UNKNOWN: (550, b"5.1.1 User unknown\n5.1.1 (from the next hop)"),
+        BUSY: (450, b"4.2.1 Mailbox busy\n4.2.1 (from the next hop)"),
+    }
+    [(_, rcpts, _)] = gateway.next_hop.received
+    assert rcpts == [STAFF2]
+    assert gateway.decisions[0][1].rcpt_to == (STAFF2,)
+
+
+def test_too_many_recipients_for_the_next_hop_go_in_further_transactions(gateway: Running) -> None:
+    gateway.next_hop.max_rcpt = 2
+    parents = list(PARENTS)
+    raw = crlf(build("office@redborne.example", "undisclosed-recipients:;", "Trip", "Forms by Friday."))
+
+    # An MTA sends the recipients refused with 452 again in a further transaction (RFC 5321
+    # 4.5.3.1.10), each transaction taking what the next hop can.
+    with gateway.client() as client:
+        pending = parents
+        for _ in range(3):
+            refused = client.sendmail("office@redborne.example", pending, raw)
+            assert all(code == 452 and text.startswith(b"4.5.3 ") for code, text in refused.values())
+            pending = [r for r in pending if r in refused]
+        assert pending == []
+
+    assert [rcpts for _, rcpts, _ in gateway.next_hop.received] == [parents[0:2], parents[2:4], parents[4:5]]
+
+
+def test_when_the_next_hop_refuses_some_recipients_only_on_relay_nothing_is_sent_until_the_retry(
+    gateway: Running,
+) -> None:
+    # The recipient check takes it, the relay after DATA is refused: one DATA reply cannot say
+    # "delivered to some", so nothing is sent and the client retries all of them.
+    gateway.next_hop.refuse_rcpt_later = {UNKNOWN: "550 5.1.1 User unknown"}
+    raw = build(STAFF, [STAFF2, UNKNOWN], "Rota", "Hello")
+
+    code, reply = gateway.send(raw, STAFF, [STAFF2, UNKNOWN])
+
+    assert code == 451 and reply.startswith("4.4.0 The next hop refused some recipients"), reply
+    assert REFERENCE.search(reply) and gateway.next_hop.received == []
+    # The retry is checked recipient by recipient again: the unknown one is refused alone.
+    with gateway.client() as client:
+        refused = client.sendmail(STAFF, [STAFF2, UNKNOWN], crlf(raw))
+    assert list(refused) == [UNKNOWN] and refused[UNKNOWN][0] == 550
+    assert [rcpts for _, rcpts, _ in gateway.next_hop.received] == [[STAFF2]]
+
+
+def test_recipients_every_one_refused_on_relay_get_the_next_hops_answer(gateway: Running) -> None:
+    gateway.next_hop.refuse_rcpt_later = {UNKNOWN: "550 5.1.1 User unknown"}
+
+    code, reply = gateway.send(build(STAFF, UNKNOWN, "Rota", "Hello"), STAFF, [UNKNOWN])
+
+    assert code == 550 and reply.startswith("5.1.1 User unknown"), reply
     assert gateway.next_hop.received == []
 
 
@@ -545,6 +1046,94 @@ def test_stop_lets_a_message_being_scanned_finish(gateway: Running, monkeypatch:
         socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=1).close()
 
 
+def test_stop_waits_only_the_grace_for_a_stuck_relay_and_the_next_hop_never_gets_it(
+    start: Callable[..., Running], raw_hop: Callable[..., RawHop]
+) -> None:
+    hop = raw_hop()
+    hop.answer_data = False  # the relay waits for 354 (a minute, by default)
+    gateway = start(hop_port=hop.port, stop_grace_seconds=0.5)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(gateway.send, build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+        wait_until(lambda: hop.data_commands())
+        started = time.monotonic()
+        gateway.run(gateway.gateway.stop())
+        stopped = time.monotonic() - started
+        # The client is told to come back rather than left waiting; it keeps the message.
+        code, reply = sending.result(5)
+    assert 0.4 < stopped < 2
+    assert code == 421 and reply.startswith("4.3.2 gateway.test Service shutting down"), reply
+    assert hop.messages == [] and gateway.files("incoming") == []
+
+
+def test_the_daemon_takes_the_relay_timeouts_and_shutdown_grace_from_its_config_file(
+    rules_dir: Path, tmp_path: Path, raw_hop: Callable[..., RawHop]
+) -> None:
+    hop = raw_hop()
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[gateway]\n"
+        f'rules = "{rules_dir}"\n'
+        'milter = ""\n'
+        f'smtp = "127.0.0.1:{port}"\n'
+        f'next_hop = "127.0.0.1:{hop.port}"\n'
+        f'spool = "{tmp_path / "spool"}"\n'
+        'database = ""\n'
+        'metrics = ""\n'
+        f'reinject = "127.0.0.1:{free_port()}"\n'
+        "workers = 1\n"
+        "next_hop_command_timeout = 0.5\n"
+        "shutdown_grace = 1.0\n"
+    )
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log_file:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "milter", "serve", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    def events() -> list[str]:
+        lines = log_path.read_text().splitlines()
+        return [str(json.loads(line).get("event")) for line in lines if line.startswith("{")]
+
+    def send() -> tuple[int, str]:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+            client.ehlo()
+            return transaction(client, build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+
+    try:
+        wait_until(lambda: "ready" in events(), timeout=30)
+        # next_hop_command_timeout: a next hop that never answers DATA is given up on at once.
+        hop.answer_data = False
+        started = time.monotonic()
+        code, reply = send()
+        assert code == 451 and reply.startswith("4.4.2 Next hop too slow"), reply
+        assert time.monotonic() - started < 3
+
+        # shutdown_grace: SIGTERM while a relay waits for the next hop's final reply.
+        hop.answer_data = True
+        hop.final_reply_delay = 30
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(send)
+            wait_until(lambda: hop.messages)
+            started = time.monotonic()
+            daemon.send_signal(signal.SIGTERM)
+            code, reply = sending.result(20)
+            told = time.monotonic() - started
+        assert code == 421 and reply.startswith("4.3.2"), reply
+        assert 0.8 < told < 4
+        # And it leaves within the grace, before its watchdog would kill it (grace + 15 s).
+        assert daemon.wait(10) == 0
+        # The next hop had the final dot: the one case that is logged as a possible duplicate.
+        assert "relay_unconfirmed" in events()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
 # --- one spool shared by worker processes -----------------------------------------------------
 
 
@@ -612,6 +1201,56 @@ def test_messages_left_over_are_reported_at_start_and_kept(
     assert gateway.files("incoming") == [left] and len(gateway.next_hop.received) == 1
 
 
+def test_half_written_files_of_a_killed_process_are_removed_at_start(
+    start: Callable[..., Running], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool"
+    # A process killed while it writes a message to the spool (its fsync never returns).
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "from pathlib import Path\n"
+            "from milter.smtp_mode import Spool\n"
+            "os.fsync = lambda fd: time.sleep(60)\n"
+            "spool = Spool(Path(sys.argv[1]))\n"
+            "spool.prepare()\n"
+            "spool.receive('RB-KILL-0001', b'x' * 100000)\n",
+            str(spool),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        wait_until(lambda: (spool / "tmp").is_dir() and any((spool / "tmp").iterdir()), timeout=20)
+    finally:
+        writer.kill()
+        writer.wait()
+    [half] = (spool / "tmp").iterdir()
+    assert half.name.endswith(f".{writer.pid}.tmp")
+    # A live sibling's file being written, and an older gateway's fresh one: not touched.
+    sibling = subprocess.Popen(["sleep", "60"])
+    try:
+        (spool / "tmp" / f"RB-BBBB-BBBB.eml.{sibling.pid}.tmp").write_bytes(b"being written")
+        (spool / "tmp" / "RB-CCCC-CCCC.json").write_bytes(b"{")
+        old = spool / "tmp" / "RB-DDDD-DDDD.json"
+        old.write_bytes(b"{")
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+
+        with caplog.at_level(logging.WARNING, logger="milter.smtp_mode"):
+            gateway = start()
+
+        assert sorted(p.name for p in gateway.files("tmp")) == [
+            f"RB-BBBB-BBBB.eml.{sibling.pid}.tmp",
+            "RB-CCCC-CCCC.json",
+        ]
+        [report] = [r for r in caplog.records if getattr(r, "event", None) == "spool_tmp_removed"]
+        assert getattr(report, "count", None) == 2 and "half-written" in report.getMessage()
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
 # --- TLS, both ways ---------------------------------------------------------------------------
 
 
@@ -667,6 +1306,11 @@ def test_starttls_is_offered_and_mail_sent_over_it_is_relayed(
     [(mail_from, rcpts, relayed)] = gateway.next_hop.received
     assert (mail_from, rcpts) == (STAFF, [STAFF2])
     assert body_of(relayed) == body_of(raw)
+    # The trace line says the message came in over TLS.
+    assert relayed.startswith(
+        f"Received: from client.test ([127.0.0.1])\r\n\t(using {version})\r\n"
+        f"\tby gateway.test (school-milter) with ESMTPS id ".encode()
+    )
     # XFORWARD-less client seen as itself, HELO from the EHLO after STARTTLS.
     [(_, envelope, _)] = gateway.decisions
     assert envelope.client_address == "127.0.0.1" and envelope.helo == "client.test"
@@ -674,6 +1318,26 @@ def test_starttls_is_offered_and_mail_sent_over_it_is_relayed(
     [line] = smtp_mode_lines(caplog)
     assert getattr(line, "client_tls", None) == version
     assert STAFF not in line.getMessage() and "Rota" not in line.getMessage()
+
+
+def test_auth_is_not_offered_even_over_tls(
+    start: Callable[..., Running], school_ca: TestCA, gateway_cert: ServerCert
+) -> None:
+    # There is nothing to check a login against: offering AUTH would only make clients that
+    # have credentials try, fail with 535, and perhaps give up on the message.
+    gateway = start(tls_cert=gateway_cert.cert, tls_key=gateway_cert.key)
+    with gateway.client() as client:
+        assert not client.has_extn("auth")
+        client.starttls(context=school_ca.client_context())
+        client.ehlo()
+        assert not client.has_extn("auth")
+        assert client.docmd("AUTH", "PLAIN AGouaHVnaGVzAHNlY3JldA==") == (
+            503,
+            b"5.5.1 Error: authentication not enabled",
+        )
+        code, reply = transaction(client, build(STAFF, STAFF2, "Rota", "Hello"), STAFF, [STAFF2])
+    assert code == 250, reply
+    assert gateway.decisions[0][1].auth_user is None
 
 
 def test_a_client_offering_only_tls_1_1_is_refused(
