@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from scanner_rules import rules_with_private_clamd  # noqa: E402
 from school_words import WORDS  # noqa: E402
 
+from milter import urls  # noqa: E402
 from milter.engine import scan  # noqa: E402
 from milter.envelope import Envelope  # noqa: E402
 from milter.policy.loader import Rules, load_rules  # noqa: E402
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace, rules_dir: Path, scanner: str) -> int:
     start = time.perf_counter()
     rules = load_rules(rules_dir)
     load_seconds = time.perf_counter() - start
+    urls.preload()  # as the daemon does before its workers start
 
     school = [school_newsletter(i) for i in range(args.count)]
     envelope = Envelope(mail_from="office@redborne.example", rcpt_to=("a@gmail.example",) * 30)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from milter import urls
 from milter.config import Settings, host_port
 from milter.errors import RulesError
 from milter.multiproc import prepare_multiprocess
@@ -407,6 +408,7 @@ def serve(settings: Settings) -> int:
         return 2
     for warning in rules.warnings:
         log.warning(warning)
+    urls.preload()
     if settings.smtp and not _smtp_tls_usable(settings):
         return 2
     if settings.database:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from milter import urls
 from milter.urls import (
     deceptive_link,
     extract_urls,
@@ -352,3 +353,13 @@ def test_deceptive_link_true(href: str, text: str, expected: tuple[str, str]) ->
 )
 def test_deceptive_link_false(href: str, text: str) -> None:
     assert deceptive_link(href, text) is None
+
+
+def test_preload_parses_both_suffix_lists_so_no_message_pays_for_them() -> None:
+    urls._psl.cache_clear()
+    urls._icann_psl.cache_clear()
+    urls.preload()
+    assert urls._psl.cache_info().currsize == 1 and urls._icann_psl.cache_info().currsize == 1
+    misses = (urls._psl.cache_info().misses, urls._icann_psl.cache_info().misses)
+    urls.registrable_domain("news.bbc.co.uk")
+    assert (urls._psl.cache_info().misses, urls._icann_psl.cache_info().misses) == misses
