@@ -44,7 +44,9 @@ class AdvertisingPhrases:
         self.weights = {p.phrase: p.weight for p in phrases}
         self._phrases = list(self.weights)
         self._automaton = ahocorasick_rs.AhoCorasick(
-            self._phrases, matchkind=ahocorasick_rs.MatchKind.Standard
+            self._phrases,
+            matchkind=ahocorasick_rs.MatchKind.Standard,
+            implementation=ahocorasick_rs.Implementation.DFA,
         )
 
     def __len__(self) -> int:
