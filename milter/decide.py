@@ -122,6 +122,7 @@ def decide(
         reply=reply,
         headers=tuple(headers),
         result_header_names=(policy.headers.verdict, policy.headers.findings),
+        fix_recipients=any(f.detector == "missing_bcc" and r.action == Action.FIX for f, r in matched),
         subject_prefix=prefixes[0] if prefixes else None,
         guidance=guidance,
         alerts=_unique(role for _, r in matched for role in r.alert),

@@ -19,6 +19,7 @@ from milter.engine import Scan
 from milter.envelope import Envelope
 from milter.faults import failpoint
 from milter.message import Message
+from milter.modify import apply_to_bytes, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, Direction
 from milter.report import parse_report
@@ -83,8 +84,10 @@ class FollowUp:
     def hold(self, raw: bytes, envelope: Envelope, result: Scan) -> str:
         """Store a quarantined message durably; the MTA is told to drop it only after this returns."""
         message = result.message
+        # Kept as it would be delivered: forged result headers out, ours in, parents hidden
+        # where the rules fix that, so a release sends what an accept would have.
         held_id, _new = self.store.hold(
-            raw,
+            apply_to_bytes(raw, modifications(result.verdict, message)),
             envelope,
             result.verdict.as_dict(),
             subject=message.subject,

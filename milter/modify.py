@@ -35,11 +35,14 @@ Modification = AddHeader | ChangeHeader
 
 
 def _encode_if_needed(value: str) -> str:
-    if value.isascii():
+    """A header value as it may be written: RFC 2047 words for non-ASCII text, for text that
+    would read as an encoded word ("=?utf-8?q?FREE?=" shown literally, not decoded into other
+    words than the ones scanned), and folded lines for a long value (998 octets at most)."""
+    if value.isascii() and "=?" not in value and len(value) < 900:
         return value
     from email.header import Header
 
-    return Header(value, "utf-8").encode()
+    return Header(value, "utf-8" if not value.isascii() or "=?" in value else "us-ascii").encode()
 
 
 def modifications(verdict: Verdict, message: Message) -> list[Modification]:
@@ -61,7 +64,7 @@ def modifications(verdict: Verdict, message: Message) -> list[Modification]:
                 if message.header("subject") is not None
                 else AddHeader("Subject", new)
             )
-    if verdict.action is Action.FIX and any(f.detector == "missing_bcc" for f in verdict.findings):
+    if verdict.fix_recipients and verdict.action in (Action.FIX, Action.QUARANTINE):
         # Parents must not see each other: To becomes the empty group, every Cc goes.
         # The envelope recipients are untouched, so everyone still gets the message.
         to_count = len(message.headers("to"))
@@ -89,19 +92,22 @@ def apply_to_bytes(raw: bytes, changes: list[Modification]) -> bytes:
             fields[-1][1] += line
         else:
             fields.append([line.split(b":", 1)[0].strip().lower(), line])
+
+    def field(name: str, value: str) -> bytes:
+        # A folded value's line breaks become the message's own.
+        return f"{name}: {value}".replace("\r\n", "\n").encode().replace(b"\n", eol) + eol
+
     for change in changes:
         if isinstance(change, AddHeader):
             # Added on top, as an MTA adds trace headers: the receiving side reads them first.
-            fields.insert(0, [change.name.lower().encode(), f"{change.name}: {change.value}".encode() + eol])
+            fields.insert(0, [change.name.lower().encode(), field(change.name, change.value)])
             continue
         seen = 0
-        for field in fields:
-            if field[0] == change.name.lower().encode():
+        for existing in fields:
+            if existing[0] == change.name.lower().encode():
                 seen += 1
                 if seen == change.index:
-                    field[1] = (
-                        b"" if change.value is None else f"{change.name}: {change.value}".encode() + eol
-                    )
+                    existing[1] = b"" if change.value is None else field(change.name, change.value)
                     break
     out = b"".join(f[1] for f in fields)
     return out + (body if split >= 0 else b"")

@@ -9,6 +9,7 @@ in milter.server drives this codec and knows nothing of byte layouts.
 from __future__ import annotations
 
 import struct
+import unicodedata
 from dataclasses import dataclass, field
 
 VERSION = 6
@@ -345,12 +346,21 @@ def quarantine(reason: str) -> bytes:
     return _packet(b"q", _z(reason))
 
 
+def _ascii(text: str) -> str:
+    if text.isascii():
+        return text
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+
+
 def reply_code(code: int, enhanced: str, lines: list[str]) -> bytes:
     """An SMTP reply for reject (5xx) or tempfail (4xx); several lines become a multi-line reply."""
     if not (400 <= code < 600):
         raise ValueError("a milter reply code must be 4xx or 5xx")
-    # '%' is a format character to the MTA's reply handling; CR/LF would break the framing.
-    clean = [" ".join(line.replace("%", "percent").split()) for line in lines] or [""]
+    # Sendmail takes the reply as a format string and Postfix turns "%%" back into "%", so a
+    # doubled '%' reaches the client as one. SMTP replies are ASCII (RFC 5321 4.2): accents
+    # are dropped ("École" -> "Ecole"), anything else becomes "?". CR/LF would break framing.
+    clean = [" ".join(_ascii(line).replace("%", "%%").split()) for line in lines] or [""]
     text = "\r\n".join(
         f"{code}{'-' if i < len(clean) - 1 else ' '}{enhanced} {line}" for i, line in enumerate(clean)
     )

@@ -593,10 +593,16 @@ class MilterSession:
             "scan failed (reference %s, queue id %s): %s", reference, envelope.queue_id, type(exc).__name__
         )
         if rules.policy.on_failure.default == "fail_open":
+            replies: list[bytes] = []
+            if self.actions & p.CHANGE_HEADERS:
+                # A sender's forged result headers go on this path too.
+                for name in (rules.policy.headers.verdict, rules.policy.headers.findings):
+                    count = sum(1 for header, _ in self.message.headers if header.lower() == name.lower())
+                    replies.extend(p.change_header(name, index, "") for index in range(count, 0, -1))
             if self.actions & p.ADD_HEADERS:
                 value = self._value(f"unscanned; ref={reference}")
-                await self._send(p.insert_header(0, rules.policy.headers.verdict, value))
-            await self._send(p.continue_())
+                replies.append(p.insert_header(0, rules.policy.headers.verdict, value))
+            await self._send(b"".join([*replies, p.continue_()]))
             action = "accept"
         else:
             text = TEMPFAIL_TEXT.format(reference=reference)

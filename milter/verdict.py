@@ -32,6 +32,9 @@ class Verdict:
     # Every header name the gateway writes results under: a sender's forged copies are
     # removed even when this verdict adds no such header (no findings header on clean mail).
     result_header_names: tuple[str, ...] = ()
+    # A missing_bcc finding whose rule says fix: parents' addresses are hidden in whatever
+    # copy goes on, also when a stronger finding holds the message (its release shows none).
+    fix_recipients: bool = False
     subject_prefix: str | None = None
     # Guidance templates for the sender, empty unless the sender may be sent mail (trusted).
     guidance: tuple[str, ...] = ()

@@ -450,7 +450,10 @@ def test_long_body_streamed_steadily_outlasts_packet_timeout(rules: Rules) -> No
 def test_reply_code_multiline_and_escaping() -> None:
     ((kind, data),) = p.decode_replies(p.reply_code(550, "5.7.1", ["first 100% line", "Reference RB-1"]))
     assert kind == "y"
-    assert data == b"550-5.7.1 first 100percent line\r\n550 5.7.1 Reference RB-1\0"
+    # Doubled: Postfix turns "%%" into "%" (a lone "%" it drops), Sendmail formats it.
+    assert data == b"550-5.7.1 first 100%% line\r\n550 5.7.1 Reference RB-1\0"
+    ((_, accented),) = p.decode_replies(p.reply_code(550, "5.7.1", ["École Sainte-Thérèse \u2014 refusé"]))
+    assert accented == b"550 5.7.1 Ecole Sainte-Therese ? refuse\0", "SMTP replies are ASCII"
     assert reply_lines("Refused: x. Reference RB-AAAA-BBBB.") == ["Refused: x.", "Reference RB-AAAA-BBBB."]
     with pytest.raises(ValueError):
         p.reply_code(250, "2.0.0", ["no"])
@@ -772,3 +775,34 @@ def test_stopping_with_idle_connections_logs_no_errors(
         with caplog.at_level("ERROR"):
             server.close()
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_fail_open_removes_forged_result_headers_too(tmp_path: Path) -> None:
+    from milter.policy.loader import load_rules
+    from tests.conftest import copy_rules
+
+    root = copy_rules(tmp_path / "rules")
+    policy = root / "policy.yaml"
+    policy.write_text(
+        policy.read_text().replace("on_failure:\n  default: tempfail", "on_failure:\n  default: fail_open")
+    )
+
+    def broken(raw: bytes, envelope: Envelope, rules: Rules) -> Scan:
+        raise RuntimeError("boom")
+
+    server = Running(load_rules(root), scanner=broken)
+    forged = {"X-School-Policy": "accept; ref=FAKE", "X-School-Policy-Findings": "none (forged)"}
+    try:
+        with server.connect() as sock:
+            postfix_negotiation(sock)
+            replies = exchange(sock, *staff_message(headers=forged))
+        deleted = [data for kind, data in replies if kind == "m"]
+        assert sorted(d[4:].split(b"\0")[0] for d in deleted) == [
+            b"X-School-Policy",
+            b"X-School-Policy-Findings",
+        ]
+        inserted = [data for kind, data in replies if kind == "i"]
+        assert len(inserted) == 1 and b"unscanned; ref=RB-" in inserted[0]
+        assert replies[-1][0] == "c"
+    finally:
+        server.close()
