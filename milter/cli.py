@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--rules",
-        default=str(default_rules_dir()),
-        help=f"rules directory (default: ${RULES_ENV} or ./rules)",
+        # No default here: `serve --config` takes `rules` from the file unless given here.
+        help=f"rules directory (default: the config file's rules, else ${RULES_ENV} or ./rules)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -194,6 +194,12 @@ def load_settings(path: Path | None, overrides: dict[str, object]) -> Settings:
         section = loaded.get("gateway", loaded)
         if not isinstance(section, dict):
             raise RulesError([Problem(path, None, "[gateway] must be a table")])
+        if "gateway" in loaded:
+            # A setting above [gateway] would be silently ignored: say so instead.
+            stray = [k for k, v in loaded.items() if k != "gateway" and not isinstance(v, dict)]
+            if stray:
+                names = ", ".join(stray)
+                raise RulesError([Problem(path, None, f"{names}: settings go under [gateway], not above it")])
         data.update(section)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

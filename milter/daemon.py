@@ -226,7 +226,11 @@ async def _flush_tally(tally: Tally, followup: FollowUp, stop: asyncio.Event, in
 
 
 async def _deliver_outbox(
-    followup: FollowUp, interval: float, wake: asyncio.Event, stop: asyncio.Event
+    followup: FollowUp,
+    interval: float,
+    wake: asyncio.Event,
+    stop: asyncio.Event,
+    metrics: Metrics | None = None,
 ) -> None:
     """Send queued guidance and alerts soon after they are queued, and retry failures.
 
@@ -238,12 +242,26 @@ async def _deliver_outbox(
         await _pause([wake, stop], interval)
         wake.clear()
         try:
-            sent, failed = await loop.run_in_executor(None, followup.deliver_outbox, 10.0)
+            done = await loop.run_in_executor(None, followup.outbox_round, 10.0)
         except Exception as exc:
             log.error("outbox delivery failed: %s", type(exc).__name__)
             continue
-        if sent or failed:
-            log.info("outbox", extra={"event": "outbox", "sent": sent, "failed": failed})
+        for item in done.given_up:
+            if metrics is not None:
+                metrics.outbox_given_up.labels(item.kind).inc()
+        if done.sent or done.retrying or done.given_up:
+            # One line per round however many items it had (followup logs each give-up once).
+            log.log(
+                logging.WARNING if done.retrying or done.given_up else logging.INFO,
+                "outbox",
+                extra={
+                    "event": "outbox",
+                    "sent": done.sent,
+                    "failed": done.retrying,
+                    "given_up": len(done.given_up),
+                    "problem": done.problem,
+                },
+            )
 
 
 async def _run_worker(
@@ -252,6 +270,7 @@ async def _run_worker(
     milter_sock: socket.socket | None,
     smtp_sock: socket.socket | None = None,
     primary: bool = True,
+    announce_ready: bool = False,
 ) -> None:
     from milter.metrics import Metrics
 
@@ -283,6 +302,8 @@ async def _run_worker(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Handled from here on: a reload asked for while this worker started happens now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     milter_server = None
     if milter_sock is not None:
@@ -296,7 +317,9 @@ async def _run_worker(
     if followup is not None and tally is not None:
         tally_task = asyncio.create_task(_flush_tally(tally, followup, stop))
         wake = asyncio.Event()
-        outbox_task = asyncio.create_task(_deliver_outbox(followup, settings.outbox_interval, wake, stop))
+        outbox_task = asyncio.create_task(
+            _deliver_outbox(followup, settings.outbox_interval, wake, stop, metrics)
+        )
         if milter_server:
 
             def nudge() -> None:
@@ -351,6 +374,8 @@ async def _run_worker(
         await smtp_gateway.start(smtp_sock)
         _certificate_metric(metrics, smtp_gateway)
     log.info("worker ready", extra={"event": "ready", "pid": os.getpid()})
+    if announce_ready:
+        notify_systemd("READY=1")
     await stop.wait()
     log.info("stopping: finishing messages in flight", extra={"event": "stopping", "pid": os.getpid()})
     _exit_if_stuck(settings.shutdown_grace + 15)
@@ -393,12 +418,16 @@ def _worker_main(
     milter_sock: socket.socket | None,
     smtp_sock: socket.socket | None = None,
     primary: bool = True,
+    announce_ready: bool = False,
 ) -> None:
-    asyncio.run(_run_worker(settings, rules, milter_sock, smtp_sock, primary))
+    asyncio.run(_run_worker(settings, rules, milter_sock, smtp_sock, primary, announce_ready))
 
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM; returns the process exit status."""
+    # A reload asked for while starting waits (blocked, pending) until a worker's event loop
+    # handles SIGHUP; its default action would end the process. Workers inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         rules = load_rules(settings.rules)
     except RulesError as exc:
@@ -454,9 +483,13 @@ def serve(settings: Settings) -> int:
         if settings.metrics:
             from milter.metrics import serve_metrics
 
-            serve_metrics(*host_port(settings.metrics), multiprocess_mode=False)
-        notify_systemd("READY=1")
-        _worker_main(settings, rules, milter_sock, smtp_sock)
+            try:
+                serve_metrics(*host_port(settings.metrics), multiprocess_mode=False)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", settings.metrics, exc.strerror)
+                return 2
+        # READY=1 comes from the worker once it serves and handles SIGHUP.
+        _worker_main(settings, rules, milter_sock, smtp_sock, announce_ready=True)
         notify_systemd("STOPPING=1")
         return 0
     return _supervise(settings, rules, milter_sock, smtp_sock)
@@ -491,37 +524,63 @@ def _supervise(
 
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    failed_status = 0  # set when the supervisor itself gives up: 1 workers keep dying, 2 metrics
+    # The rules a new worker starts with: those of the last reload that loaded, so a worker
+    # that replaces a dead one runs what its siblings run.
+    current = rules
 
     def spawn(index: int) -> None:
+        # SIGHUP stays blocked across fork: the child unblocks it once its loop handles it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                _worker_main(settings, rules, milter_sock, smtp_sock, primary=index == 0)
+                _worker_main(settings, current, milter_sock, smtp_sock, primary=index == 0)
             except BaseException:
                 code = 1
             finally:
                 os._exit(code)
         children[pid] = index
+        if handling:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, current
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            # Connections from now on are refused at once rather than left waiting in a
+            # listen queue nobody will serve (each worker closes its copy as it stops).
+            for sock in (milter_sock, smtp_sock):
+                if sock is not None:
+                    sock.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+        if sig == signal.SIGHUP:
+            # On failure the workers log why and keep theirs; new workers get the same.
+            with contextlib.suppress(RulesError):
+                current = load_rules(settings.rules)
 
+    handling = False
     for index in range(settings.workers):
         spawn(index)
     # After forking, so the workers do not inherit the metrics listener.
     if settings.metrics:
-        serve_metrics(*host_port(settings.metrics), multiprocess_mode=True)
+        try:
+            serve_metrics(*host_port(settings.metrics), multiprocess_mode=True)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s: %s; stopping", settings.metrics, exc.strerror)
+            stopping, failed_status = True, 2
+            forward(signal.SIGTERM, None)
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    notify_systemd("READY=1")
+    handling = True
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    if not stopping:
+        notify_systemd("READY=1")
     restarts: list[float] = []
     while children:
         try:
@@ -545,7 +604,8 @@ def _supervise(
         )
         if len(restarts) > 10:
             log.error("workers keep dying (more than 10 in a minute): stopping")
-            stopping = True
+            # A failure exit, so that systemd's Restart=on-failure starts the gateway again.
+            stopping, failed_status = True, 1
             forward(signal.SIGTERM, None)
             continue
         time.sleep(min(1.0, 0.1 * len(restarts)))
@@ -553,6 +613,8 @@ def _supervise(
     notify_systemd("STOPPING=1")
     # The workers' metric files: nobody reads them once every worker has gone.
     shutil.rmtree(metrics_dir, ignore_errors=True)
+    if failed_status:
+        return failed_status
     return 0 if stopping else 1
 
 

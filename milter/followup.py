@@ -3,7 +3,8 @@ mail to the sender, alerts to the roles rules/ names, and reports sent to the re
 
 Mail the gateway writes goes into the store's outbox first and is delivered from there
 (to the re-injection listener, which skips the milter), so a relay that is down delays
-a guidance mail or an alert but never loses it.
+a guidance mail or an alert rather than losing it: it is retried with a growing wait for
+days, as an MTA retries, and only then given up on, logged and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from milter.modify import apply_to_bytes, modifications
 from milter.policy.loader import Rules
 from milter.policy.schema import Action, Direction
 from milter.report import parse_report
-from milter.store.store import HeldFilter, HeldRecord, Store
+from milter.store.store import HeldFilter, HeldRecord, OutboxItem, Store
 
 log = logging.getLogger("school_milter")
 
@@ -42,6 +43,17 @@ def held_item(record: HeldRecord) -> notify.HeldItem:
         findings=record.findings,
         size=record.size,
     )
+
+
+@dataclass(frozen=True)
+class OutboxRound:
+    """One delivery round of the outbox: what was sent, what waits for a retry, what was given up."""
+
+    sent: int = 0
+    retrying: int = 0
+    given_up: tuple[OutboxItem, ...] = ()
+    # The first thing that went wrong (the item's number and reply codes, no content).
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,26 +221,54 @@ class FollowUp:
     # -------------------------------------------------------------------- outbox
 
     def deliver_outbox(self, timeout: float = 30.0) -> tuple[int, int]:
-        """Send what the outbox holds to the relay; (sent, failed). Failures stay for a retry.
+        """Send what the outbox holds to the relay; (sent, not sent). Failures are retried later."""
+        done = self.outbox_round(timeout)
+        return done.sent, done.retrying + len(done.given_up)
+
+    def outbox_round(self, timeout: float = 30.0) -> OutboxRound:
+        """Send the outbox mail that is due to the relay. What the relay did not take waits
+        longer before each retry (Store.outbox_failed) and is given up on after days.
 
         A mail the relay took for some recipients and refused for others counts as sent:
         retrying it would deliver it twice to those who have it.
         """
         if self.relay is None:
-            return 0, 0
+            return OutboxRound()
         items = self.store.claim_outbox()
         if not items:
-            return 0, 0
+            return OutboxRound()
         outcomes = notify.deliver(
             ((f"outbox {i.id}", i.recipients, i.data) for i in items), self.relay, timeout=timeout
         )
-        sent = 0
+        sent = retrying = 0
+        given_up: list[OutboxItem] = []
+        first_problem: str | None = None
         for item, (taken, problem) in zip(items, outcomes, strict=True):
-            if problem:
-                log.warning("outbox: %s", problem)
-            self.store.outbox_done(item.id, None if taken else problem)
-            sent += taken
-        return sent, len(items) - sent
+            # Problems name the item and reply codes, never content; the round's caller logs
+            # one line for them all (one per item per round grew with the queue).
+            first_problem = first_problem or problem
+            if taken:
+                self.store.outbox_done(item.id)
+                sent += 1
+            elif self.store.outbox_failed(item.id, problem or "not sent"):
+                given_up.append(item)
+                # Once per item, for good: kind and reference say what was lost, not who or what.
+                log.error(
+                    "outbox: giving up on a %s mail after %d attempts",
+                    item.kind,
+                    item.attempts,
+                    extra={
+                        "event": "outbox_given_up",
+                        "outbox_id": item.id,
+                        "kind": item.kind,
+                        "reference": item.reference,
+                        "attempts": item.attempts,
+                        "last_error": problem,
+                    },
+                )
+            else:
+                retrying += 1
+        return OutboxRound(sent, retrying, tuple(given_up), first_problem)
 
     # ------------------------------------------------------------------ reports
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: messages by action, findings by category, scan latency, errors, dependency health.
+"""Prometheus metrics: messages by action, findings by category, scan latency, errors, dependency
+health, the TLS certificate's expiry, outbox mail given up on.
 
 With several worker processes, prometheus_client's multiprocess mode adds up what
 each worker wrote to a shared directory; the parent serves the sum.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     REGISTRY,
@@ -22,7 +23,27 @@ from prometheus_client import (
 
 from milter.server import Decision
 
+# What the gateway mails (Store.queue_mail's kinds): the outbox_given_up label's values.
+OUTBOX_KINDS = ("guidance", "alert", "digest")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _GaugeWhenSet:
+    """A gauge with no sample until it is first set.
+
+    An unlabelled Gauge exports 0 from the moment it is made, and in multiprocess mode it
+    writes that 0 to the worker's file at once; for a timestamp 0 means 1970. Making the
+    gauge on the first set() means a process that never sets it exports nothing.
+    """
+
+    def __init__(self, make: Callable[[], Gauge]) -> None:
+        self._make = make
+        self._gauge: Gauge | None = None
+
+    def set(self, value: float) -> None:
+        if self._gauge is None:
+            self._gauge = self._make()
+        self._gauge.set(value)
 
 
 class Metrics:
@@ -44,7 +65,7 @@ class Metrics:
         )
         self.errors = Counter(
             "school_milter_errors",
-            "Messages that could not be scanned, by error",
+            "Messages that could not be scanned, by error (check_failed:<detector>: a check could not run)",
             ["kind"],
             registry=registry,
         )
@@ -58,12 +79,24 @@ class Metrics:
             registry=registry,
         )
 
-        self.tls_certificate_expiry = Gauge(
-            "school_milter_tls_certificate_expiry_timestamp_seconds",
-            "When SMTP mode's TLS certificate expires, in Unix time (alert well before it)",
-            multiprocess_mode="livemin",
+        # Only once there is a certificate: a gateway without one (milter only) must not
+        # export 0, which reads as expired in 1970 and fires expiry alerts.
+        self.tls_certificate_expiry = _GaugeWhenSet(
+            lambda: Gauge(
+                "school_milter_tls_certificate_expiry_timestamp_seconds",
+                "When SMTP mode's TLS certificate expires, in Unix time (alert well before it)",
+                multiprocess_mode="livemin",
+                registry=registry,
+            )
+        )
+        self.outbox_given_up = Counter(
+            "school_milter_outbox_given_up",
+            "Mail the gateway sends (guidance, alerts, digests) given up on after days of retries",
+            ["kind"],
             registry=registry,
         )
+        for kind in OUTBOX_KINDS:  # 0 from the start, so the first loss shows as an increase
+            self.outbox_given_up.labels(kind)
 
     def observe(self, decision: Decision, virus_scanning: bool = False) -> None:
         self.messages.labels(decision.action).inc()
@@ -72,6 +105,11 @@ class Metrics:
             self.errors.labels(decision.error).inc()
         if decision.result:
             verdict = decision.result.verdict
+            # A check that could not run (clamd down, a detector that crashed) left the message
+            # unscanned by it, whether the rules then tempfailed it or let it through. One
+            # label value per detector: a fixed, small set.
+            for name in verdict.failed_checks:
+                self.errors.labels(f"check_failed:{name}").inc()
             for finding in verdict.findings:
                 self.findings.labels(finding.detector, finding.category).inc()
             if virus_scanning:

@@ -85,12 +85,23 @@ def _rules(settings: Settings, report: _Report) -> Rules | None:
 
 def _milter_socket(settings: Settings, report: _Report) -> None:
     if not settings.milter:
-        report.ok("milter", "off (SMTP mode only)")
+        if settings.smtp:
+            report.ok("milter", "off (SMTP mode only)")
+        else:
+            report.problem("milter", "nothing to serve: neither milter nor smtp is set")
         return
     if settings.milter.startswith(("unix:", "local:")):
         path = Path(settings.milter.split(":", 1)[1])
-        if not path.parent.is_dir():
-            report.problem("milter", f"the socket's directory {path.parent} does not exist")
+        directory = path.parent
+        if not directory.exists():
+            report.problem("milter", f"the socket's directory {directory} does not exist")
+            return
+        if not directory.is_dir():
+            report.problem("milter", f"the socket's directory {directory} is not a directory")
+            return
+        # The gateway creates (or replaces) its socket file there, as the user it runs as.
+        if not os.access(directory, os.W_OK | os.X_OK):
+            report.problem("milter", f"cannot create the socket in {directory}: permission denied")
             return
     # An inet port is not tried: before a reload the running gateway holds it.
     report.ok("milter", f"{settings.milter}, {settings.workers} worker(s)")

@@ -59,7 +59,11 @@ def _open(args: argparse.Namespace) -> Store:
 
 
 def _rules(args: argparse.Namespace) -> Rules:
-    return load_rules(Path(args.rules))
+    if args.rules:
+        return load_rules(Path(args.rules))
+    from milter.cli import default_rules_dir  # the command line module imports this one
+
+    return load_rules(_settings(args).rules if args.config else default_rules_dir())
 
 
 def _when(value: dt.datetime | None) -> str:

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from milter import protocol as p
 from milter.store import Store
 from tests.conftest import REPO, copy_rules
 from tests.mail import build
@@ -854,3 +856,144 @@ def test_the_deployed_config_names_every_setting_and_loads() -> None:
     ]
     assert missing == []
     load_settings(path, {})
+
+
+def _ready_pids(d: Daemon) -> list[int]:
+    return [int(str(e["pid"])) for e in d.log_lines() if e["message"] == "worker ready"]
+
+
+def test_a_worker_that_replaces_a_dead_one_runs_the_reloaded_rules(daemon: Daemon, rules_copy: Path) -> None:
+    policy = rules_copy / "policy.yaml"
+    policy.write_text(policy.read_text().replace("reference_prefix: RB", "reference_prefix: ZZ"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("rules reloaded", count=2)
+    os.kill(_ready_pids(daemon)[0], signal.SIGKILL)
+    daemon.wait_for_log("worker ready", count=3)
+    for _ in range(12):  # the kernel picks which worker accepts: enough for both
+        daemon.send("hello")
+    daemon.wait_for_log("decision", count=12)
+    references = [str(e["reference"]) for e in daemon.log_lines() if e.get("event") == "decision"]
+    assert references and all(r.startswith("ZZ-") for r in references), references
+
+
+def test_a_reload_asked_for_as_soon_as_the_gateway_is_ready_does_not_kill_it(
+    rules_copy: Path, tmp_path: Path
+) -> None:
+    """systemd may send SIGHUP (ExecReload) right after READY=1."""
+    for workers in ("1", "2"):
+        notify = tmp_path / f"notify-{workers}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(str(notify))
+        listener.settimeout(30)
+        work = tmp_path / f"w{workers}"
+        work.mkdir()
+        log = (work / "daemon.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "milter", "--rules", str(rules_copy), "serve",
+             "--milter", f"inet:127.0.0.1:{free_port()}", "--metrics", "", "--database", "",
+             "--workers", workers],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+        )  # fmt: skip
+        try:
+            while b"READY=1" not in listener.recv(4096):
+                pass
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            text = ""
+            while time.monotonic() < deadline:
+                text = (work / "daemon.log").read_text()
+                if text.count('"rules reloaded"') >= int(workers):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, text
+            assert text.count('"rules reloaded"') >= int(workers), text
+            assert "exited with status" not in text, "no worker died"
+        finally:
+            proc.terminate()
+            proc.wait(20)
+            log.close()
+            listener.close()
+
+
+def test_a_metrics_port_in_use_stops_the_start_cleanly_and_leaves_no_worker(
+    rules_copy: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            port = free_port()
+            result = subprocess.run(
+                [sys.executable, "-m", "milter", "--rules", str(rules_copy), "serve",
+                 "--milter", f"inet:127.0.0.1:{port}", "--metrics", f"127.0.0.1:{busy}", "--database", "",
+                 "--workers", workers],
+                capture_output=True, text=True, cwd=REPO, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            assert f"cannot serve metrics on 127.0.0.1:{busy}" in result.stderr
+            assert "Traceback" not in result.stderr
+            with socket.socket() as probe:  # no orphaned worker still serving the milter port
+                assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_after_sigterm_new_connections_are_refused_not_left_waiting(rules_copy: Path, tmp_path: Path) -> None:
+    """With workers, the parent's copy of the listening socket must not keep taking connections
+    that nobody will serve while a worker finishes a message in flight."""
+    from tests.test_milter_protocol import StuckClamd, exchange, postfix_negotiation, staff_message
+
+    clamd = StuckClamd(Path(tempfile.mkdtemp(prefix="stuck-clamd-")) / "clamd.sock")
+    policy = rules_copy / "policy.yaml"
+    text = policy.read_text().replace("\n  virus_scan:\n    enabled: false\n", "\n  virus_scan:\n", 1)
+    text = text.replace("clamd: unix:/run/clamav/clamd.ctl", f"clamd: unix:{clamd.path}")
+    policy.write_text(text.replace("clamd_conf: /etc/clamav/clamd.conf", "clamd_conf: ''"))
+    d = Daemon(rules_copy, tmp_path, "--workers", "2")
+    try:
+        d.wait_for_log("worker ready", count=2)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as busy:
+            postfix_negotiation(busy)
+            attachment = [("worksheet.txt", b"Question 1", "text/plain")]
+            commands = [
+                p.DefineMacros("M", {"client_addr": "127.0.0.1"}),
+                *staff_message(attachments=attachment),
+            ]
+            busy.sendall(b"".join(p.encode_command(c) for c in commands))
+            time.sleep(0.5)  # the scan now waits on the stuck clamd: a message in flight
+            d.proc.send_signal(signal.SIGTERM)
+            d.wait_for_log("stopping: finishing messages in flight")
+            time.sleep(0.5)
+            started = time.monotonic()
+            with socket.socket() as late:
+                late.settimeout(5)
+                try:
+                    late.connect(("127.0.0.1", d.port))
+                    answered = exchange(late, p.OptionNegotiation(6, 0x1FF, 0x1FFFFF), expect=1)
+                except OSError:
+                    answered = []
+            assert answered == [] and time.monotonic() - started < 2, "refused at once, not left waiting"
+            assert d.proc.poll() is None, "the message in flight is still being finished"
+    finally:
+        clamd.close()  # the scan in flight ends (clamd gone: 451), so the workers can stop
+        d.stop()
+
+
+def test_config_file_rules_are_used_unless_the_command_line_names_others(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nrules = "{tmp_path}/no-such-rules"\nmilter = "inet:127.0.0.1:{free_port()}"\n'
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "milter", "serve", "--config", str(config), "--check"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 2 and "no-such-rules" in checked.stdout + checked.stderr
+
+
+def test_a_setting_above_the_gateway_table_is_an_error_not_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('workers = 0\n[gateway]\nmilter = "inet:127.0.0.1:8894"\n')
+    checked = subprocess.run(
+        [sys.executable, "-m", "milter", "serve", "--config", str(config), "--check"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 2 and "workers: settings go under [gateway]" in checked.stderr

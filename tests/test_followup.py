@@ -3,8 +3,10 @@ outbox, reports to the report address, and blocks that apply to the next message
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,8 +89,144 @@ def test_outbox_keeps_mail_while_the_relay_is_down(store: Store, rules: Rules, s
     store.queue_mail("alert", ["it-support@redborne.example"], b"Subject: x\r\n\r\nhello\r\n")
     assert down.deliver_outbox() == (0, 1)
     assert [o[2] for o in store.outbox()] == ["pending"]
-    assert FollowUp(store, sink.address).deliver_outbox() == (1, 0)
+    up = FollowUp(store, sink.address)
+    assert up.deliver_outbox() == (0, 0)  # it waits out its minute before the retry
+    minute_passes(store)
+    assert up.deliver_outbox() == (1, 0)
     assert len(sink.wait_for(1)) == 1
+
+
+def minute_passes(store: Store) -> None:
+    """Every pending outbox mail's wait is over (as when its backoff has run out)."""
+    from sqlalchemy import update
+
+    from milter.store.models import OutboxMail
+
+    with store.session() as session:
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        session.execute(update(OutboxMail).where(OutboxMail.status == "pending").values(next_attempt_at=past))
+
+
+def queued_days_ago(store: Store, item: int, days: float) -> None:
+    from sqlalchemy import update
+
+    from milter.store.models import OutboxMail
+
+    with store.session() as session:
+        then = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+        session.execute(update(OutboxMail).where(OutboxMail.id == item).values(created_at=then))
+
+
+def outbox_attempts(store: Store) -> list[int]:
+    from sqlalchemy import select
+
+    from milter.store.models import OutboxMail
+
+    with store.session() as session:
+        return list(session.scalars(select(OutboxMail.attempts).order_by(OutboxMail.id)))
+
+
+def fields(record: logging.LogRecord, *names: str) -> tuple[object, ...]:
+    """A log line's JSON fields (passed with extra=)."""
+    return tuple(vars(record)[name] for name in names)
+
+
+def test_a_short_relay_outage_delays_alerts_but_loses_none(store: Store) -> None:
+    # The reviewer's case: twelve messages quarantined while the relay was down, each
+    # queueing an SLT alert and waking the outbox. A wake must not retry the earlier
+    # alerts (that used up their ten attempts in seconds and they were never sent).
+    relay = SmtpSink()  # not started yet: the relay is down
+    followup = FollowUp(store, relay.address)
+    for n in range(12):
+        store.queue_mail(
+            "alert", ["slt@redborne.example"], f"Subject: alert {n}\r\n\r\nheld\r\n".encode(), about="slt"
+        )
+        assert followup.deliver_outbox() == (0, 1)  # only the new one is tried
+    assert outbox_attempts(store) == [1] * 12
+    relay.start()
+    try:
+        minute_passes(store)
+        assert followup.deliver_outbox() == (12, 0)
+        assert len(relay.wait_for(12)) == 12
+        assert {o[2] for o in store.outbox()} == {"sent"}
+        assert followup.deliver_outbox() == (0, 0)  # each sent once
+    finally:
+        relay.stop()
+
+
+def test_an_alert_given_up_on_is_logged_once_without_its_content(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    from milter.logs import JsonFormatter
+    from tests.postfix_harness import free_port
+
+    down = FollowUp(store, ("127.0.0.1", free_port()))
+    item = store.queue_mail(
+        "alert",
+        ["slt@redborne.example"],
+        b"Subject: secret words\r\n\r\nx\r\n",
+        about="slt",
+        reference="RB-GONE-0001",
+    )
+    queued_days_ago(store, item, 6)  # the relay has been down for longer than the outbox waits
+    with caplog.at_level(logging.INFO, logger="school_milter"):
+        assert down.deliver_outbox() == (0, 1)
+        minute_passes(store)
+        assert down.deliver_outbox() == (0, 0)  # not tried again
+    gone = [r for r in caplog.records if getattr(r, "event", None) == "outbox_given_up"]
+    assert len(gone) == 1
+    record = gone[0]
+    assert record.levelno == logging.ERROR
+    assert fields(record, "kind", "reference", "attempts") == ("alert", "RB-GONE-0001", 1)
+    line = JsonFormatter().format(record)
+    assert "slt@" not in line and "secret" not in line
+    assert [o[2] for o in store.outbox()] == ["failed"]
+
+
+def test_the_outbox_loop_logs_one_line_a_round_and_counts_what_it_gave_up(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from milter.daemon import _deliver_outbox
+    from milter.metrics import Metrics
+    from tests.postfix_harness import free_port
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    down = FollowUp(store, ("127.0.0.1", free_port()))
+    for n in range(5):
+        store.queue_mail("alert", ["slt@redborne.example"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+    old = store.queue_mail("alert", ["slt@redborne.example"], b"Subject: old\r\n\r\nx\r\n", reference="RB-1")
+    queued_days_ago(store, old, 6)
+
+    def rounds() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == "outbox"]
+
+    async def run() -> None:
+        wake, stop = asyncio.Event(), asyncio.Event()
+        wake.set()  # new mail was queued
+        task = asyncio.create_task(_deliver_outbox(down, 3600.0, wake, stop, metrics))
+        for _ in range(200):  # at most 10 s
+            if rounds():
+                break
+            await asyncio.sleep(0.05)
+        wake.set()  # more new mail: nothing of the above is due yet
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    with caplog.at_level(logging.INFO, logger="school_milter"):
+        asyncio.run(run())
+    (summary,) = rounds()
+    assert summary.levelno == logging.WARNING
+    assert fields(summary, "sent", "failed", "given_up") == (0, 5, 1)
+    assert "unreachable" in str(fields(summary, "problem")[0])
+    others = [r for r in caplog.records if r.levelno >= logging.WARNING and r not in (summary,)]
+    assert [getattr(r, "event", None) for r in others] == ["outbox_given_up"]
+    assert registry.get_sample_value("school_milter_outbox_given_up_total", {"kind": "alert"}) == 1.0
+    assert registry.get_sample_value("school_milter_outbox_given_up_total", {"kind": "guidance"}) == 0.0
+    assert outbox_attempts(store) == [1] * 6
 
 
 def test_digest_lists_what_was_held_for_it(store: Store, rules: Rules, sink: SmtpSink) -> None:

@@ -96,6 +96,23 @@ def test_each_problem_is_named_and_the_answer_is_2(
     assert lines[-1] == "3 problem(s): the gateway would not start"
 
 
+@pytest.mark.parametrize("case", ["nothing to serve", "socket directory is a file"])
+def test_a_milter_socket_the_start_could_not_make_is_a_problem(
+    case: str, tmp_path: Path, rules_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "gw.toml"
+    if case == "nothing to serve":
+        milter, expected = "", "nothing to serve: neither milter nor smtp is set"
+    else:
+        (tmp_path / "plain-file").write_text("")
+        milter = f"unix:{tmp_path}/plain-file/milter.sock"
+        expected = f"the socket's directory {tmp_path}/plain-file is not a directory"
+    config.write_text(f'[gateway]\nmilter = "{milter}"\ndatabase = ""\n')
+    code, lines = check(capsys, rules_copy, config)
+    assert code == 2
+    assert any(line.startswith("problem  milter: ") and expected in line for line in lines), lines
+
+
 def test_what_a_start_would_do_is_said_and_nothing_is_changed(
     tmp_path: Path, rules_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,8 +139,8 @@ def test_what_a_start_would_do_is_said_and_nothing_is_changed(
     code, lines = check(capsys, rules_copy, config)
     assert code == 0
     assert (
-        f"warning  quarantine store sqlite:///{behind}: schema 0001: the next start upgrades it to 0002"
-        in lines
+        f"warning  quarantine store sqlite:///{behind}: schema 0001: "
+        f"the next start upgrades it to {migrate.head()}" in lines
     )
     engine = create_engine(f"sqlite:///{behind}")
     assert migrate.current(engine) == "0001"

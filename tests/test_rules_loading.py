@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from milter.cli import main
+from milter.context import Context
 from milter.errors import RulesError
-from milter.policy.loader import load_rules
+from milter.findings import Finding, Severity
+from milter.notify import guidance_message
+from milter.policy.loader import Rules, load_rules
+from milter.policy.schema import Action, Direction, Role
+from milter.verdict import Verdict
 from tests.conftest import REPO
 
 
@@ -118,6 +123,54 @@ def test_template_syntax_error_and_missing_template(rules_copy: Path) -> None:
     found = problems(rules_copy)
     assert any(p.startswith(f"{template}:2: template error") for p in found)
     assert any("guidance 'advertising' has no template" in p for p in found)
+
+
+def obscene_guidance_text(rules: Rules) -> str:
+    """The text part of the guidance mail a staff sender gets for obscene language."""
+    staff = "j.hughes@redborne.example"
+    finding = Finding("obscene_language", "profanity", Severity.STRONG, "5.5", "strong profanity", ("f***",))
+    verdict = Verdict(
+        action=Action.REJECT,
+        reference="RB-7KQ2-M9XD",
+        findings=(finding,),
+        direction=Direction.OUTBOUND,
+        sender_role=Role.STAFF,
+        clauses=("5.5",),
+        guidance=("obscene_language",),
+    )
+    ctx = Context(Direction.OUTBOUND, Role.STAFF, staff, True, ("supplier@sportsgear.example",))
+    msg = guidance_message(verdict, ctx, rules, sender=staff)
+    assert msg is not None
+    text = msg.get_body(("plain",))
+    assert text is not None
+    return str(text.get_content())
+
+
+def test_loaded_rules_keep_their_guidance_templates_until_the_next_load(rules_copy: Path) -> None:
+    rules = load_rules(rules_copy)
+    before = obscene_guidance_text(rules)
+    assert "Your message could not be delivered." in before and "send a revised version" in before
+
+    # After the load, a template goes and another is edited: the rules in force do not notice.
+    template = rules_copy / "guidance" / "obscene_language.txt"
+    saved = template.read_text()
+    template.unlink()
+    edit(rules_copy / "guidance" / "_header.txt", "could not be delivered.", "EDITED ON DISK.")
+    assert obscene_guidance_text(rules) == before
+
+    # A new load (SIGHUP) is refused for the missing one, so the loaded rules stay in force.
+    assert any("guidance 'obscene_language' has no template" in p for p in problems(rules_copy))
+    # Once it is back, a new load has the edit; the rules loaded before still do not.
+    template.write_text(saved)
+    assert "EDITED ON DISK." in obscene_guidance_text(load_rules(rules_copy))
+    assert obscene_guidance_text(rules) == before
+
+
+def test_a_template_that_is_not_utf8_is_named(rules_copy: Path) -> None:
+    template = rules_copy / "guidance" / "shouting.txt"
+    template.write_bytes("Caf\xe9 au lait\n".encode("latin-1"))
+    (found,) = problems(rules_copy)
+    assert found.startswith(f"{template}: template error: not UTF-8"), found
 
 
 def test_every_problem_reported_at_once(rules_copy: Path) -> None:

@@ -1682,3 +1682,41 @@ def test_mail_is_turned_away_at_mail_from_while_the_spool_is_low(rules: Rules, s
         assert gateway.files("incoming") == []
     finally:
         gateway.close()
+
+
+# --- what the log says about a client ------------------------------------------------------------
+
+
+def test_a_body_sent_after_data_was_refused_leaves_none_of_its_words_in_the_log(
+    start: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    from milter.logs import JsonFormatter
+
+    # At DEBUG from before the start, as `serve --log-level debug` has it: the most that can get out.
+    with caplog.at_level(logging.DEBUG):
+        gateway = start()
+        gateway.next_hop.refuse_rcpt = {UNKNOWN: "550 5.1.1 User unknown"}
+        # A client that pipelines its body although its only recipient was refused (so DATA is
+        # too): aiosmtpd reads each body line as a command it does not know.
+        with socket.create_connection(("127.0.0.1", gateway.gateway.port), timeout=10) as sock:
+            dialogue = (
+                f"EHLO client.test\r\nMAIL FROM:<{STAFF}>\r\nRCPT TO:<{UNKNOWN}>\r\nDATA\r\n"
+                "Subject: Zebraquilt secret\r\n\r\nMarmaladex is the password\r\nWombatrix: call me\r\n"
+                ".\r\nQUIT\r\n"
+            )
+            sock.sendall(dialogue.encode())
+            replies = b""
+            deadline = time.monotonic() + 10
+            while b"\r\n221 " not in replies and time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                replies += chunk
+    assert b"\r\n550-5.1.1 User unknown" in replies and b"\r\n221 " in replies, replies
+    assert gateway.next_hop.received == []
+
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    for word in ("zebraquilt", "marmaladex", "wombatrix"):
+        assert not [line for line in lines if word in line.lower()], word
+    # aiosmtpd's warning itself is kept (an operator sees a client sending what is no command).
+    assert any(r.name == "mail.log" and "unrecognised: (withheld)" in r.getMessage() for r in caplog.records)

@@ -740,15 +740,16 @@ def test_outbox_queue_claim_done_failed_and_retry(store: Store) -> None:
     third = store.queue_mail("digest", ["it@redborne.example"], b"digest")
 
     claimed = store.claim_outbox(limit=2)
-    assert [(i.id, i.kind, i.recipients, i.data) for i in claimed] == [
-        (first, "guidance", ("pupil@redborne.example",), b"guidance 1"),
-        (second, "alert", ("dsl@redborne.example",), b"alert 1"),
+    assert [(i.id, i.kind, i.recipients, i.data, i.reference, i.attempts) for i in claimed] == [
+        (first, "guidance", ("pupil@redborne.example",), b"guidance 1", "", 1),
+        (second, "alert", ("dsl@redborne.example",), b"alert 1", "RB-1", 1),
     ]
     assert [i.id for i in store.claim_outbox()] == [third]
     assert store.claim_outbox() == []  # everything is being sent
 
+    failed_at = dt.datetime.now(dt.UTC)
     store.outbox_done(first)
-    store.outbox_done(second, error="451 4.3.0 try again later")
+    assert store.outbox_failed(second, "451 4.3.0 try again later", now=failed_at) is False
     store.outbox_done(third)
     assert [(i, s) for i, _k, s, _r in store.outbox()] == [
         (first, "sent"),
@@ -757,13 +758,48 @@ def test_outbox_queue_claim_done_failed_and_retry(store: Store) -> None:
     ]
     assert [i for i, *_ in store.outbox("pending")] == [second]
 
-    # The failed one is retried, until it has had max_attempts tries.
-    assert [i.id for i in store.claim_outbox(max_attempts=3)] == [second]
-    store.outbox_done(second, error="451 4.3.0 still later")
-    assert store.claim_outbox(max_attempts=2) == []
-    assert [i.id for i in store.claim_outbox(max_attempts=3)] == [second]
+    # The failed one waits a minute: new mail waking the outbox meanwhile does not retry it.
+    assert store.claim_outbox() == []
+    assert store.claim_outbox(now=failed_at + dt.timedelta(seconds=59)) == []
+    (retry,) = store.claim_outbox(now=failed_at + dt.timedelta(minutes=1))
+    assert (retry.id, retry.attempts) == (second, 2)
     store.outbox_done(second)
-    assert store.outbox("pending") == [] and store.claim_outbox() == []
+    assert store.outbox("pending") == [] and store.claim_outbox(now=failed_at + dt.timedelta(days=1)) == []
+
+
+def test_an_outbox_mail_waits_longer_after_each_failure_and_is_not_given_up_early(store: Store) -> None:
+    # A relay down for hours: the alert is tried ever less often (1, 2, 4 ... minutes, then
+    # hourly), and still tried well past the ten tries that used to be the end of it.
+    item = store.queue_mail("alert", ["slt@redborne.example"], b"alert", reference="RB-WAIT-0001")
+    minutes = [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60]
+    at = dt.datetime.now(dt.UTC)
+    (claimed,) = store.claim_outbox(now=at)
+    for attempt, wait in enumerate(minutes, start=1):
+        assert (claimed.id, claimed.attempts) == (item, attempt)
+        assert store.outbox_failed(item, "outbox 1: relay unreachable", now=at) is False
+        assert store.claim_outbox(now=at + dt.timedelta(minutes=wait, seconds=-1)) == []
+        at += dt.timedelta(minutes=wait)
+        (claimed,) = store.claim_outbox(now=at)
+    assert claimed.attempts == len(minutes) + 1
+    store.outbox_done(item)
+    assert [s for _i, _k, s, _r in store.outbox()] == ["sent"]
+
+
+def test_an_outbox_mail_is_given_up_once_after_five_days(store: Store) -> None:
+    from milter.store.store import OUTBOX_LIFETIME
+
+    queued = dt.datetime.now(dt.UTC)
+    item = store.queue_mail("alert", ["slt@redborne.example"], b"alert", reference="RB-GONE-0001")
+    almost = queued + OUTBOX_LIFETIME - dt.timedelta(minutes=5)
+    assert [i.id for i in store.claim_outbox(now=almost)] == [item]
+    assert store.outbox_failed(item, "outbox 1: relay unreachable", now=almost) is False  # kept
+
+    late = queued + OUTBOX_LIFETIME + dt.timedelta(minutes=5)
+    assert [i.id for i in store.claim_outbox(now=late)] == [item]
+    assert store.outbox_failed(item, "outbox 1: relay unreachable", now=late) is True
+    assert [i for i, *_ in store.outbox("failed")] == [item] and store.outbox("pending") == []
+    # Never tried again, however long the gateway runs.
+    assert store.claim_outbox(now=late + dt.timedelta(days=30)) == []
 
 
 def test_two_claimers_get_disjoint_outbox_items(store: Store, store_url: str) -> None:
@@ -864,6 +900,49 @@ def test_upgrade_twice_is_harmless(store: Store, store_url: str) -> None:
             assert len(list(session.scalars(select(ListVersion)))) == 1
     finally:
         again.close()
+
+
+def test_mail_the_old_attempt_limit_stranded_is_sent_after_the_upgrade(store_url: str) -> None:
+    # A store at 0002 holding an alert that used up its ten attempts in a short outage:
+    # 0003 makes it due again rather than leaving it pending for ever.
+    import sqlalchemy as sa
+    from alembic import command
+
+    from milter.store.store import open_engine
+
+    outbox = sa.table(
+        "outbox",
+        *(sa.column(n) for n in ("created_at", "kind", "about", "reference", "status", "attempts")),
+        sa.column("last_error"),
+        sa.column("recipients", sa.JSON()),
+        sa.column("data", sa.LargeBinary()),
+    )
+    engine = open_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(migrate._config(connection), "0002")
+            connection.execute(
+                outbox.insert().values(
+                    created_at=dt.datetime.now(dt.UTC),
+                    kind="alert",
+                    about="slt",
+                    reference="RB-OLD0-0001",
+                    status="pending",
+                    attempts=10,
+                    last_error="outbox 1: relay 127.0.0.1:10026 unreachable (ConnectionRefusedError)",
+                    recipients=["slt@redborne.example"],
+                    data=b"alert",
+                )
+            )
+    finally:
+        engine.dispose()
+    store = Store(store_url)
+    try:
+        assert migrate.current(store.engine) == migrate.head()
+        (item,) = store.claim_outbox()
+        assert (item.reference, item.attempts) == ("RB-OLD0-0001", 11)
+    finally:
+        store.close()
 
 
 MIGRATE_SCRIPT = r"""

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jinja2
@@ -99,9 +100,35 @@ def _load_clauses(root: Path) -> dict[str, Clause]:
     return clauses
 
 
-def _template_environment(root: Path) -> jinja2.Environment:
+def _read_templates(root: Path) -> tuple[dict[str, str], list[Problem]]:
+    """Every template under guidance/, read now, by the names FileSystemLoader would give them.
+
+    The rules in force render what was loaded and checked: a template deleted or edited on
+    disk afterwards changes nothing until the next load, which checks it first.
+    """
+    folder = root / GUIDANCE_DIR
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+    if not folder.is_dir():
+        return sources, problems
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        # Hidden files (an editor's .name.swp) are no templates, and may be half written.
+        if not path.is_file() or any(part.startswith(".") for part in name.split("/")):
+            continue
+        try:
+            sources[name] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(path, None, f"template error: not UTF-8 text (byte {exc.start})"))
+        except OSError as exc:
+            problems.append(Problem(path, None, f"template cannot be read: {exc.strerror or exc}"))
+    return sources, problems
+
+
+def _template_environment(sources: dict[str, str]) -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(root / GUIDANCE_DIR),
+        # From memory, never from disk: see _read_templates. A read-only view, as Rules is frozen.
+        loader=jinja2.DictLoader(MappingProxyType(dict(sources))),
         undefined=jinja2.StrictUndefined,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
         trim_blocks=True,
@@ -110,19 +137,27 @@ def _template_environment(root: Path) -> jinja2.Environment:
     )
 
 
-def _check_templates(root: Path, env: jinja2.Environment, policy: PolicyFile) -> list[Problem]:
-    problems: list[Problem] = []
+def _check_templates(
+    root: Path,
+    env: jinja2.Environment,
+    sources: dict[str, str],
+    unreadable: list[Problem],
+    policy: PolicyFile,
+) -> list[Problem]:
+    problems = list(unreadable)
+    named = {p.file for p in unreadable}
     policy_path = root / POLICY_FILE
     for name in sorted({r.guidance for r in policy.actions if r.guidance}):
         for suffix in ("txt", "html"):
             path = root / GUIDANCE_DIR / f"{name}.{suffix}"
-            if not path.is_file():
+            # What was read, not what is on disk now: the file may have gone since.
+            if f"{name}.{suffix}" not in sources and path not in named:
                 problems.append(Problem(policy_path, None, f"guidance {name!r} has no template {path}"))
-    for path in sorted((root / GUIDANCE_DIR).glob("*")) if (root / GUIDANCE_DIR).is_dir() else []:
+    for name in sorted(sources):
         try:
-            env.get_template(path.name)
+            env.get_template(name)
         except jinja2.TemplateSyntaxError as exc:
-            problems.append(Problem(path, exc.lineno, f"template error: {exc.message}"))
+            problems.append(Problem(root / GUIDANCE_DIR / name, exc.lineno, f"template error: {exc.message}"))
     return problems
 
 
@@ -235,8 +270,9 @@ def load_rules(root: Path) -> Rules:
     safeguarding = attempt(SafeguardingLexicon.load, root / settings.safeguarding_concern.lexicon)
     domains = attempt(DomainLists.load, root / settings.offensive_links.domain_lists)
     advertising = attempt(AdvertisingPhrases.load, root / settings.advertising.phrases)
-    templates = _template_environment(root)
-    problems.extend(_check_templates(root, templates, policy))
+    sources, unreadable = _read_templates(root)
+    templates = _template_environment(sources)
+    problems.extend(_check_templates(root, templates, sources, unreadable, policy))
     problems.extend(_check_references(root, policy, clauses))
     if problems:
         raise RulesError(problems)

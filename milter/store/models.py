@@ -136,12 +136,15 @@ class OutboxMail(Base):
     reference: Mapped[str] = mapped_column(String(32), default="")
     recipients: Mapped[list[Any]] = mapped_column(JSON)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # pending | sending | sent | failed (given up after the outbox lifetime)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # When a process took it to send: one that died leaves it "sending" with an old time.
     claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Not claimed before this (a backoff after each failure); NULL: due now (rows from before 0003).
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class PendingAlert(Base):

@@ -43,6 +43,11 @@ ID_PATTERN = re.compile(r"^[A-Z0-9]{1,8}-[0-9A-Z]{4}-[0-9A-Z]{4}(?:-[0-9]+)?$")
 STATUSES = ("held", "releasing", "released", "deleted")
 # A release or an outbox mail claimed this long ago by a process that never finished it.
 STALE_CLAIM = dt.timedelta(minutes=15)
+# Outbox retries, like an MTA's queue: the wait after a failure doubles from the first to
+# the longest, and mail still not taken this long after it was queued is given up on.
+OUTBOX_FIRST_RETRY = dt.timedelta(minutes=1)
+OUTBOX_LONGEST_RETRY = dt.timedelta(hours=1)
+OUTBOX_LIFETIME = dt.timedelta(days=5)
 _PERSONAL_SUBJECT = re.compile(r"\bpersonal\b", re.IGNORECASE)
 
 
@@ -152,6 +157,15 @@ class OutboxItem:
     kind: str
     recipients: tuple[str, ...]
     data: bytes
+    reference: str = ""
+    # Tries so far, this one included.
+    attempts: int = 0
+
+
+def outbox_retry_delay(attempts: int) -> dt.timedelta:
+    """How long an outbox mail waits after its `attempts`-th try failed."""
+    doublings: int = min(max(attempts - 1, 0), 16)
+    return min(OUTBOX_FIRST_RETRY * (1 << doublings), OUTBOX_LONGEST_RETRY)
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -791,7 +805,12 @@ class Store:
     ) -> int:
         with self.session() as session:
             item = OutboxMail(
-                kind=kind, about=about.lower(), reference=reference, recipients=list(recipients), data=data
+                kind=kind,
+                about=about.lower(),
+                reference=reference,
+                recipients=list(recipients),
+                data=data,
+                next_attempt_at=utcnow(),
             )
             session.add(item)
             session.flush()
@@ -812,44 +831,68 @@ class Store:
                 or 0
             )
 
-    def claim_outbox(self, limit: int = 20, max_attempts: int = 10) -> list[OutboxItem]:
-        """Take pending mail to send; a row claimed by one process is not taken by another."""
+    def claim_outbox(self, limit: int = 20, now: dt.datetime | None = None) -> list[OutboxItem]:
+        """Take pending mail whose time has come; a row claimed by one process is not taken by
+        another. Each claim is an attempt."""
         items: list[OutboxItem] = []
+        now = _utc(now or utcnow())
         with self.session() as session:
+            # Mail waiting out its backoff is not due: waking the outbox for new mail must
+            # not retry it (each retry costs an attempt and a connection to a relay that is down).
+            due = OutboxMail.next_attempt_at.is_(None) | (OutboxMail.next_attempt_at <= now)
             # "sending" for longer than STALE_CLAIM: the process sending it died; try again.
-            stale = _utc(utcnow() - STALE_CLAIM)
-            claimable = (OutboxMail.status == "pending") | (
-                (OutboxMail.status == "sending") & (OutboxMail.claimed_at < stale)
+            claimable = ((OutboxMail.status == "pending") & due) | (
+                (OutboxMail.status == "sending") & (OutboxMail.claimed_at < now - STALE_CLAIM)
             )
             ids = list(
-                session.scalars(
-                    select(OutboxMail.id)
-                    .where(claimable, OutboxMail.attempts < max_attempts)
-                    .order_by(OutboxMail.id)
-                    .limit(limit)
-                )
+                session.scalars(select(OutboxMail.id).where(claimable).order_by(OutboxMail.id).limit(limit))
             )
             for item_id in ids:
                 taken = _changed(
                     session,
                     update(OutboxMail)
                     .where(OutboxMail.id == item_id, claimable)
-                    .values(status="sending", attempts=OutboxMail.attempts + 1, claimed_at=utcnow()),
+                    .values(status="sending", attempts=OutboxMail.attempts + 1, claimed_at=now),
                 )
                 if taken:
                     row = session.get(OutboxMail, item_id)
                     assert row is not None
-                    items.append(OutboxItem(row.id, row.kind, tuple(row.recipients), row.data))
+                    to = tuple(row.recipients)
+                    items.append(OutboxItem(row.id, row.kind, to, row.data, row.reference, row.attempts))
         return items
 
-    def outbox_done(self, item_id: int, error: str | None = None) -> None:
+    def outbox_done(self, item_id: int) -> None:
+        """The relay took it (for at least one recipient): never sent again."""
         with self.session() as session:
-            values: dict[str, Any] = (
-                {"status": "pending", "last_error": error[:500]}
-                if error
-                else {"status": "sent", "sent_at": utcnow(), "last_error": ""}
+            session.execute(
+                update(OutboxMail)
+                .where(OutboxMail.id == item_id)
+                .values(status="sent", sent_at=utcnow(), last_error="", next_attempt_at=None)
             )
-            session.execute(update(OutboxMail).where(OutboxMail.id == item_id).values(**values))
+
+    def outbox_failed(self, item_id: int, error: str, now: dt.datetime | None = None) -> bool:
+        """The relay did not take it: wait longer before each retry, and give up (True) once it
+        has been in the outbox for OUTBOX_LIFETIME."""
+        now = _utc(now or utcnow())
+        with self.session() as session:
+            row = session.get(OutboxMail, item_id)
+            if row is None or row.status != "sending":  # not ours any more (taken as stale)
+                return False
+            created = _aware(row.created_at)
+            assert created is not None
+            give_up = now - created >= OUTBOX_LIFETIME
+            values: dict[str, Any] = (
+                {"status": "failed", "next_attempt_at": None}
+                if give_up
+                else {"status": "pending", "next_attempt_at": now + outbox_retry_delay(row.attempts)}
+            )
+            changed = _changed(
+                session,
+                update(OutboxMail)
+                .where(OutboxMail.id == item_id, OutboxMail.status == "sending")
+                .values(last_error=error[:500], **values),
+            )
+            return give_up and changed == 1
 
     def outbox(self, status: str | None = None) -> list[tuple[int, str, str, tuple[str, ...]]]:
         query = select(OutboxMail.id, OutboxMail.kind, OutboxMail.status, OutboxMail.recipients)
