@@ -249,6 +249,8 @@ class PostfixInstance:
     milter_settings:  default action, timeouts and macro lists for that milter
     smtpd_port:       the port of the smtpd listener; a free one when None
     extra_main_cf:    more main.cf parameters, overriding the harness's own
+    smtpd_options:    `-o name=value` overrides for the smtpd listener (e.g. a proxy filter)
+    extra_master_cf:  more master.cf services (complete lines, chroot off), appended as given
     """
 
     def __init__(
@@ -262,6 +264,8 @@ class PostfixInstance:
         extra_main_cf: Mapping[str, str] | None = None,
         hostname: str = "gateway-test.localdomain",
         reinject_port: int | None = None,
+        smtpd_options: Mapping[str, str] | None = None,
+        extra_master_cf: str = "",
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.next_hop = next_hop
@@ -273,6 +277,8 @@ class PostfixInstance:
         # A second smtpd that runs no milter, as deploy/postfix/master.cf.snippet defines:
         # where the gateway delivers released mail, guidance and alerts.
         self.reinject_port = reinject_port
+        self.smtpd_options = dict(smtpd_options or {})
+        self.extra_master_cf = extra_master_cf
         self.config_directory = self.workdir / "conf"
         self.queue_directory = self.workdir / "queue"
         self.maillog = self.workdir / "maillog"
@@ -336,8 +342,9 @@ class PostfixInstance:
         return params
 
     def master_cf(self) -> str:
-        """master.cf: the smtpd listener on LOOPBACK:smtpd_port, then the internal services."""
+        """master.cf: the smtpd listener on LOOPBACK:smtpd_port, internal services, extra_master_cf."""
         listener = f"{LOOPBACK}:{self.smtpd_port} inet n - n - - smtpd\n"
+        listener += "".join(f"  -o {name}={value}\n" for name, value in self.smtpd_options.items())
         if self.reinject_port:
             listener += (
                 f"{LOOPBACK}:{self.reinject_port} inet n - n - - smtpd\n"
@@ -345,7 +352,8 @@ class PostfixInstance:
                 "  -o smtpd_milters=\n"
                 "  -o receive_override_options=no_milters\n"
             )
-        return listener + _MASTER_SERVICES
+        extra = self.extra_master_cf
+        return listener + _MASTER_SERVICES + (extra if not extra or extra.endswith("\n") else extra + "\n")
 
     def write_config(self) -> None:
         """Create the directories and write main.cf and master.cf (start() does this)."""
