@@ -47,7 +47,7 @@ def test_tag_prefixes_subject_once(rules: Rules) -> None:
     assert again["Subject"] == "[Shouting] WHO TOOK THE SCIENCE PROJECTOR AGAIN"
 
 
-def test_fix_hides_parents_but_keeps_body(tmp_path: Path) -> None:
+def fix_rules(tmp_path: Path) -> Rules:
     root = tmp_path / "rules"
     copy_rules(root)
     policy = root / "policy.yaml"
@@ -56,7 +56,11 @@ def test_fix_hides_parents_but_keeps_body(tmp_path: Path) -> None:
             "  - detector: missing_bcc\n    action: reject", "  - detector: missing_bcc\n    action: fix"
         )
     )
-    rules = load_rules(root)
+    return load_rules(root)
+
+
+def test_fix_hides_parents_but_keeps_body(tmp_path: Path) -> None:
+    rules = fix_rules(tmp_path)
     raw = build("office@redborne.example", PARENTS[:2], "Trip", "Consent forms by Friday.", cc=PARENTS[2:])
     action, message = delivered(raw, rules)
     assert action is Action.FIX
@@ -72,18 +76,6 @@ def test_apply_to_bytes_folded_headers_and_crlf() -> None:
         raw, [AddHeader("X-New", "v"), ChangeHeader("To", 1, None), ChangeHeader("Subject", 1, "c")]
     )
     assert out == b"X-New: v\r\nSubject: c\r\nX-A: 1\r\n\r\nbody\r\n"
-
-
-def fix_rules(tmp_path: Path) -> Rules:
-    root = tmp_path / "rules"
-    copy_rules(root)
-    policy = root / "policy.yaml"
-    policy.write_text(
-        policy.read_text().replace(
-            "  - detector: missing_bcc\n    action: reject", "  - detector: missing_bcc\n    action: fix"
-        )
-    )
-    return load_rules(root)
 
 
 def test_a_parent_mailing_held_for_something_else_is_held_with_parents_hidden(tmp_path: Path) -> None:
