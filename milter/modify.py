@@ -6,6 +6,7 @@ the bytes before relaying. Both take the same list, so both modes change mail al
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from milter.message import Message
@@ -38,22 +39,31 @@ def _encode_if_needed(value: str) -> str:
     """A header value as it may be written: RFC 2047 words for non-ASCII text, for text that
     would read as an encoded word ("=?utf-8?q?FREE?=" shown literally, not decoded into other
     words than the ones scanned), and folded lines for a long value (998 octets at most)."""
-    if value.isascii() and "=?" not in value and len(value) < 900:
+    literal = value.isascii() and "=?" not in value
+    if literal and len(value) < 900:
         return value
     from email.header import Header
 
-    return Header(value, "utf-8" if not value.isascii() or "=?" in value else "us-ascii").encode()
+    return Header(value, "us-ascii" if literal else "utf-8").encode()
+
+
+def removals(names: Iterable[str], count: Callable[[str], int]) -> list[ChangeHeader]:
+    """Deletions of every copy of these headers (`count` says how many a message has), the
+    last copy first so that the indexes of those before it stay right."""
+    return [
+        ChangeHeader(name, index, None)
+        for name in dict.fromkeys(names)
+        for index in range(count(name), 0, -1)
+    ]
 
 
 def modifications(verdict: Verdict, message: Message) -> list[Modification]:
     """What to change in the delivered message, for verdicts that deliver it (accept, tag, fix)."""
     if verdict.action not in (Action.ACCEPT, Action.TAG, Action.FIX, Action.QUARANTINE):
         return []
-    changes: list[Modification] = []
     # A sender may forge our result headers; only the gateway's own may reach the reader.
-    for name in dict.fromkeys([*verdict.result_header_names, *(name for name, _ in verdict.headers)]):
-        for index in range(len(message.headers(name)), 0, -1):
-            changes.append(ChangeHeader(name, index, None))
+    names = [*verdict.result_header_names, *(name for name, _ in verdict.headers)]
+    changes: list[Modification] = [*removals(names, lambda name: len(message.headers(name)))]
     changes.extend(AddHeader(name, value) for name, value in verdict.headers)
     if verdict.action in (Action.TAG, Action.FIX) and verdict.subject_prefix:
         subject = message.subject

@@ -28,7 +28,7 @@ from milter.detectors import virus_scan
 from milter.engine import Scan, conclude, examine, scan
 from milter.envelope import Envelope
 from milter.followup import FollowUp, is_report
-from milter.modify import AddHeader, ChangeHeader, modifications
+from milter.modify import AddHeader, ChangeHeader, Modification, modifications, removals
 from milter.policy.loader import Rules
 from milter.policy.schema import Action
 from milter.reference import new_reference
@@ -426,7 +426,7 @@ class MilterSession:
             helo=self.helo,
             auth_user=macros.get("auth_authen") or None,
             queue_id=macros.get("i"),
-            macros=dict(macros),
+            macros=macros,
             from_wire=True,
         )
 
@@ -593,15 +593,13 @@ class MilterSession:
             "scan failed (reference %s, queue id %s): %s", reference, envelope.queue_id, type(exc).__name__
         )
         if rules.policy.on_failure.default == "fail_open":
-            replies: list[bytes] = []
-            if self.actions & p.CHANGE_HEADERS:
-                # A sender's forged result headers go on this path too.
-                for name in (rules.policy.headers.verdict, rules.policy.headers.findings):
-                    count = sum(1 for header, _ in self.message.headers if header.lower() == name.lower())
-                    replies.extend(p.change_header(name, index, "") for index in range(count, 0, -1))
-            if self.actions & p.ADD_HEADERS:
-                value = self._value(f"unscanned; ref={reference}")
-                replies.append(p.insert_header(0, rules.policy.headers.verdict, value))
+            names = rules.policy.headers
+            # A sender's forged result headers go on this path too.
+            changes: list[Modification] = [
+                *removals((names.verdict, names.findings), self._header_count),
+                AddHeader(names.verdict, f"unscanned; ref={reference}"),
+            ]
+            replies, _ = self._header_replies(changes)
             await self._send(b"".join([*replies, p.continue_()]))
             action = "accept"
         else:
@@ -624,13 +622,16 @@ class MilterSession:
         """A header value as the MTA expects it: with leading-space negotiated, it is taken verbatim."""
         return " " + value if self.protocol & p.HEADER_LEADING_SPACE and value else value
 
-    async def _apply(self, result: Scan, held: bool = False) -> str:
-        """Carry out the verdict; the action the MTA was given, for the decision line."""
-        verdict = result.verdict
-        # Everything for this message in one write: header changes and the final answer.
+    def _header_count(self, name: str) -> int:
+        """How many headers of this name the message being handled has (names match in any case)."""
+        return sum(1 for header, _ in self.message.headers if header.lower() == name.lower())
+
+    def _header_replies(self, changes: list[Modification]) -> tuple[list[bytes], bool]:
+        """The protocol replies for header changes, and whether any could not be made because
+        the MTA did not offer that action."""
         replies: list[bytes] = []
         unapplied = False
-        for change in modifications(verdict, result.message):
+        for change in changes:
             if isinstance(change, AddHeader) and self.actions & p.ADD_HEADERS:
                 # On top, where an MTA puts its own trace headers.
                 replies.append(p.insert_header(0, change.name, self._value(change.value)))
@@ -638,12 +639,19 @@ class MilterSession:
                 replies.append(p.change_header(change.name, change.index, self._value(change.value or "")))
             else:
                 unapplied = True
+        return replies, unapplied
+
+    async def _apply(self, result: Scan, held: bool = False) -> str:
+        """Carry out the verdict; the action the MTA was given, for the decision line."""
+        verdict = result.verdict
+        # Everything for this message in one write: header changes and the final answer.
+        replies, unapplied = self._header_replies(modifications(verdict, result.message))
         action = verdict.action
         if action is Action.FIX and unapplied:
             # A fix the MTA does not let us make (parents' addresses left visible) must not
             # go out unfixed: keep it waiting, as for a quarantine the MTA cannot do.
             log.warning("MTA cannot change headers; tempfailing the fix of %s instead", verdict.reference)
-            await self._send(p.reply_code(451, "4.7.0", [f"Held for review. Reference {verdict.reference}."]))
+            await self._send(_held_for_review(verdict.reference))
             return Action.TEMPFAIL.value
         if action in (Action.REJECT, Action.TEMPFAIL) and verdict.reply:
             replies.append(
@@ -659,15 +667,18 @@ class MilterSession:
             else:
                 # Without quarantine the only safe choices are keep-and-retry or refuse: retry.
                 log.warning("MTA cannot quarantine; tempfailing %s instead", verdict.reference)
-                replies.append(
-                    p.reply_code(451, "4.7.0", [f"Held for review. Reference {verdict.reference}."])
-                )
+                replies.append(_held_for_review(verdict.reference))
                 await self._send(b"".join(replies))
                 return Action.TEMPFAIL.value
         else:
             replies.append(p.continue_())
         await self._send(b"".join(replies))
         return action.value
+
+
+def _held_for_review(reference: str) -> bytes:
+    """451: a hold or a fix the MTA cannot carry out; it keeps the message and retries."""
+    return p.reply_code(451, "4.7.0", [f"Held for review. Reference {reference}."])
 
 
 def _log_failure(future: asyncio.Future[None]) -> None:
