@@ -307,13 +307,20 @@ class Running:
         with self.client() as client:
             return transaction(client, raw, mail_from, rcpt_to, xforward)
 
+    async def _close_next_hop(self) -> None:
+        assert self.next_hop_server is not None
+        self.next_hop_server.close()
+
     def files(self, folder: str) -> list[Path]:
         return sorted((self.spool / folder).iterdir())
 
     def close(self) -> None:
         self.run(self.gateway.stop())
         if self.next_hop_server is not None:
-            self.next_hop_server.close()
+            # On the loop's own thread: asyncio servers are not thread-safe, and closing one
+            # from here while a next-hop connection ends on the loop could wake its waiters
+            # twice (a TypeError in Python 3.11's Server._wakeup, seen in a CI run).
+            self.run(self._close_next_hop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
